@@ -1,0 +1,112 @@
+"""The served-graph contract, defined once: tensor names, dtypes, shapes and the metadata that
+travels with every exported model (ONNX ``metadata_props`` and ``config.pbtxt`` parameters).
+
+Export, config rendering, the client, the load-test data and the tests all import from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from training.uniforms import GENERATOR_VERSION, u_layout
+
+CONTRACT_VERSION = "kaem-serve-contract-v1"
+
+# Input: FP32 uniforms [batch, D]; D = P (univariate) or 2Q (mixture: selection, then ITS).
+INPUT_U = "u"
+INPUT_U_DTYPE = "TYPE_FP32"
+# Outputs: UINT8 images [batch, H, W, C] and the FP32 decoder mean [batch, H, W, C] in [0, 1].
+OUTPUT_IMAGES = "images"
+OUTPUT_IMAGES_DTYPE = "TYPE_UINT8"
+OUTPUT_MEAN = "mean"
+OUTPUT_MEAN_DTYPE = "TYPE_FP32"
+
+# NaN in u becomes 0.5, then u is clamped into [U_EPS, 1 - U_EPS] inside the graph.
+U_EPS = 1e-6
+
+DEFAULT_MODEL_NAME = "kaem_fmnist"
+DEFAULT_MAX_BATCH_SIZE = 256
+
+_PREFIX = "kaem."
+
+
+class ContractError(ValueError):
+    """A model's metadata does not match what this client/exporter speaks."""
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """What a client must know about a served model to build valid requests and read images."""
+
+    prior_kind: str  # "univariate" | "mixture"
+    P: int
+    Q: int
+    image_h: int
+    image_w: int
+    image_c: int
+    config_id: str  # short hash of the training config JSON
+    preset: str
+    contract_version: str = CONTRACT_VERSION
+    generator_version: str = GENERATOR_VERSION
+
+    @property
+    def u_dim(self) -> int:
+        return u_layout(self.prior_kind, self.P, self.Q)[0]
+
+    @property
+    def its_start(self) -> int:
+        """Index of the first ITS uniform in ``u`` (columns before it select mixture components)."""
+        return u_layout(self.prior_kind, self.P, self.Q)[1]
+
+    @property
+    def u_layout_text(self) -> str:
+        if self.prior_kind == "univariate":
+            return f"its[{self.P}] shared over q"
+        return f"select[{self.Q}],its[{self.Q}]"
+
+    def to_metadata(self) -> dict[str, str]:
+        out = {f"{_PREFIX}{f.name}": str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out[f"{_PREFIX}u_dim"] = str(self.u_dim)
+        out[f"{_PREFIX}u_layout"] = self.u_layout_text
+        return out
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> ModelContract:
+        """Parse and validate metadata; raise :class:`ContractError` naming what is missing or wrong."""
+        missing = [f.name for f in dataclasses.fields(cls) if f"{_PREFIX}{f.name}" not in meta]
+        if missing:
+            raise ContractError(
+                "model metadata lacks " + ", ".join(f"{_PREFIX}{m}" for m in missing)
+                + ": it was not exported by this project's export/to_onnx.py (re-export it)"
+            )
+        kw: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            raw = meta[f"{_PREFIX}{f.name}"]
+            try:
+                kw[f.name] = int(raw) if f.type in ("int", int) else raw
+            except ValueError as err:
+                raise ContractError(f"metadata {_PREFIX}{f.name}={raw!r} is not an integer") from err
+        contract = cls(**kw)  # type: ignore[arg-type]
+        contract.check_compatible()
+        if f"{_PREFIX}u_dim" in meta and meta[f"{_PREFIX}u_dim"] != str(contract.u_dim):
+            raise ContractError(
+                f"metadata says u_dim={meta[_PREFIX + 'u_dim']} but the layout implies {contract.u_dim}"
+            )
+        return contract
+
+    def check_compatible(self) -> None:
+        if self.contract_version != CONTRACT_VERSION:
+            raise ContractError(
+                f"model speaks contract {self.contract_version!r}, this software speaks {CONTRACT_VERSION!r}:"
+                " re-export the model with this version, or use the matching client"
+            )
+        if self.generator_version != GENERATOR_VERSION:
+            raise ContractError(
+                f"model was exported for seed generator {self.generator_version!r}, this software uses"
+                f" {GENERATOR_VERSION!r}: the same seed would give a different image"
+            )
+        if self.prior_kind not in ("univariate", "mixture"):
+            raise ContractError(f"unknown prior kind {self.prior_kind!r}")
+        if min(self.P, self.Q, self.image_h, self.image_w) < 1 or self.image_c not in (1, 3):
+            raise ContractError(f"implausible shapes in model metadata: {self}")

@@ -1,0 +1,249 @@
+"""``python export/to_onnx.py`` / ``kaem-export``: a checkpoint becomes one ONNX graph (uniforms in,
+images out, a single forward pass) plus its Triton config, written atomically into the model
+repository as a new numbered version, after graph checks and an onnxruntime-vs-eager parity test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from export.contract import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MODEL_NAME,
+    INPUT_U,
+    OUTPUT_IMAGES,
+    OUTPUT_MEAN,
+    ModelContract,
+)
+from export.module import ServedGenerator
+from training.checkpoint import CheckpointError, load_model
+from training.cli import UserError, user_errors
+from training.model import KAEM
+
+DEFAULT_OPSET = 18
+MAX_IR_VERSION = 10  # onnxruntime in tritonserver 24.10 loads IR <= 10
+# Ops that would make the graph random or depend on kernels the production image may lack.
+FORBIDDEN_OPS = {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Multinomial",
+                 "Bernoulli"}
+# Parity: the decoder mean may differ by float32 reordering only; images by at most one grey
+# level (a mean within ~1e-6 of a rounding boundary can round either way).
+MEAN_TOL = 1e-4
+PIXEL_TOL = 1
+
+
+class ExportError(Exception):
+    """The exported graph failed a check; the message says which."""
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    version: int
+    contract: ModelContract
+    size_bytes: int
+    max_mean_diff: float
+    max_pixel_diff: int
+    ms_per_image_ort: float
+    ops: list[str]
+
+
+def contract_for(model: KAEM) -> ModelContract:
+    cfg = model.cfg
+    c, h, w = cfg.decoder.image_shape
+    return ModelContract(prior_kind=cfg.prior.kind, P=cfg.prior.P, Q=cfg.prior.Q, image_h=h, image_w=w,
+                         image_c=c, config_id=cfg.identity(), preset=cfg.preset)
+
+
+def export_graph(model: KAEM, path: Path, opset: int = DEFAULT_OPSET, extra_meta: dict[str, str] | None = None
+                 ) -> onnx.ModelProto:
+    """Export with the dynamo exporter, a dynamic batch axis and the contract's tensor names."""
+    gen = ServedGenerator(model).eval()
+    u = torch.rand(4, model.u_dim)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(gen, (u,), dynamo=True, opset_version=opset, input_names=[INPUT_U],
+                                 output_names=[OUTPUT_IMAGES, OUTPUT_MEAN], dynamic_shapes={"u": {0: batch}},
+                                 optimize=True, verbose=False)
+    proto = prog.model_proto
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    meta = {**contract_for(model).to_metadata(), **(extra_meta or {})}
+    del proto.metadata_props[:]
+    for k, v in sorted(meta.items()):
+        proto.metadata_props.add(key=k, value=v)
+    onnx.save(proto, str(path))
+    return proto
+
+
+def check_graph(proto: onnx.ModelProto, contract: ModelContract) -> list[str]:
+    """onnx.checker + contract names/dtypes + no random or foreign-domain ops; returns op types."""
+    onnx.checker.check_model(proto, full_check=True)
+    if proto.ir_version > MAX_IR_VERSION:
+        raise ExportError(f"IR version {proto.ir_version} > {MAX_IR_VERSION}: Triton 24.10's onnxruntime refuses it")
+    ops = sorted({n.op_type for n in proto.graph.node})
+    bad = FORBIDDEN_OPS.intersection(ops)
+    if bad:
+        raise ExportError(f"graph contains random ops {sorted(bad)}: the served graph must be deterministic")
+    foreign = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+    if foreign or proto.functions:
+        raise ExportError(f"graph uses non-standard op domains {foreign} or local functions")
+    ins = {i.name: i for i in proto.graph.input}
+    outs = {o.name: o for o in proto.graph.output}
+    if set(ins) != {INPUT_U} or set(outs) != {OUTPUT_IMAGES, OUTPUT_MEAN}:
+        raise ExportError(f"graph I/O {sorted(ins)} -> {sorted(outs)} does not match the contract")
+    want = {OUTPUT_IMAGES: onnx.TensorProto.UINT8, OUTPUT_MEAN: onnx.TensorProto.FLOAT}
+    for name, dtype in want.items():
+        if outs[name].type.tensor_type.elem_type != dtype:
+            raise ExportError(f"output {name} has the wrong dtype")
+    dims = [d.dim_value for d in ins[INPUT_U].type.tensor_type.shape.dim]
+    if len(dims) != 2 or dims[1] != contract.u_dim or dims[0] != 0:
+        raise ExportError(f"input u has shape {dims}, expected [batch, {contract.u_dim}] with a dynamic batch")
+    return ops
+
+
+def ort_session(path: Path):  # -> onnxruntime.InferenceSession
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_parity(model: KAEM, path: Path, batch_sizes: tuple[int, ...] = (1, 64)) -> tuple[float, int]:
+    """onnxruntime vs PyTorch eager on the same uniforms (edge values and NaN included)."""
+    sess = ort_session(path)
+    gen = ServedGenerator(model).eval()
+    worst_mean, worst_px = 0.0, 0
+    for b in batch_sizes:
+        u = torch.rand(b, model.u_dim, generator=torch.Generator().manual_seed(b))
+        u[0, 0] = float("nan") if b > 1 else u[0, 0]
+        if b > 2:
+            u[1, :] = 0.0
+            u[2, :] = 1.0
+        with torch.no_grad():
+            img_t, mean_t = gen(u)
+        img_o, mean_o = sess.run([OUTPUT_IMAGES, OUTPUT_MEAN], {INPUT_U: u.numpy()})
+        if not np.isfinite(mean_o).all():
+            raise ExportError(f"onnxruntime produced non-finite pixels at batch {b}")
+        worst_mean = max(worst_mean, float(np.abs(mean_o - mean_t.numpy()).max()))
+        worst_px = max(worst_px, int(np.abs(img_o.astype(np.int16) - img_t.numpy().astype(np.int16)).max()))
+    if worst_mean > MEAN_TOL or worst_px > PIXEL_TOL:
+        raise ExportError(f"onnxruntime differs from eager: mean {worst_mean:.3g} (tol {MEAN_TOL}), "
+                          f"pixels {worst_px} (tol {PIXEL_TOL})")
+    return worst_mean, worst_px
+
+
+def ort_ms_per_image(path: Path, u_dim: int, batch: int = 64, reps: int = 5) -> float:
+    sess = ort_session(path)
+    u = np.random.default_rng(0).random((batch, u_dim), dtype=np.float32)
+    sess.run([OUTPUT_IMAGES], {INPUT_U: u})
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        sess.run([OUTPUT_IMAGES], {INPUT_U: u})
+    return (time.perf_counter() - t0) * 1000 / (reps * batch)
+
+
+def _versions(model_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / "model.onnx").exists())
+
+
+def publish(onnx_file: Path, config_text: str, model_dir: Path, keep_versions: int) -> int:
+    """Install the graph as the next version: written elsewhere, then renamed into place, so a
+    running server (polling the repository) never sees a half-written model."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version = max(_versions(model_dir), default=0) + 1
+    target = model_dir / str(version)
+    if target.exists():  # an empty placeholder (e.g. version 1 with .gitkeep): rename the file in
+        tmp = target / ".model.onnx.tmp"
+        shutil.copyfile(onnx_file, tmp)
+        os.replace(tmp, target / "model.onnx")
+    else:
+        staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=model_dir))
+        shutil.copyfile(onnx_file, staging / "model.onnx")
+        os.replace(staging, target)
+    cfg_tmp = model_dir / ".config.pbtxt.tmp"
+    cfg_tmp.write_text(config_text)
+    os.replace(cfg_tmp, model_dir / "config.pbtxt")
+    for old in _versions(model_dir)[:-keep_versions]:
+        shutil.rmtree(model_dir / str(old))
+        (model_dir / str(old)).mkdir()  # keep the numbered placeholder so a committed .gitkeep survives
+        if old == 1:
+            (model_dir / "1" / ".gitkeep").touch()
+    return version
+
+
+def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "model_repository",
+                      model_name: str = DEFAULT_MODEL_NAME, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                      opset: int = DEFAULT_OPSET, keep_versions: int = 2) -> ExportReport:
+    from export.triton_config import render_config
+
+    model, ckpt = load_model(checkpoint)
+    contract = contract_for(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        proto = export_graph(model, path, opset, {"kaem.checkpoint_step": str(ckpt["step"])})
+        ops = check_graph(proto, contract)
+        mean_diff, px_diff = check_parity(model, path)
+        ms = ort_ms_per_image(path, contract.u_dim)
+        size = path.stat().st_size
+        config = render_config(model_name, contract, max_batch_size=max_batch_size)
+        model_dir = Path(model_repository) / model_name
+        version = publish(path, config, model_dir, keep_versions)
+    return ExportReport(model_dir / str(version) / "model.onnx", version, contract, size, mean_diff, px_diff,
+                        ms, ops)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kaem-export",
+        description="Export a KAEM checkpoint to one ONNX graph (u [batch, D] FP32 -> images [batch, H, W, C] "
+        "UINT8 and mean FP32) and install it with its config.pbtxt in a Triton model repository.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="a ckpt-*.pt file or a run directory (latest checkpoint)")
+    p.add_argument("--model-repository", default="model_repository", help="Triton model repository folder")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="model name in the repository")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="Triton max_batch_size")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 18)")
+    p.add_argument("--keep-versions", type=int, default=2, help="version folders with a model to keep")
+    return p
+
+
+@user_errors(CheckpointError, ExportError)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.opset < 18:
+        raise UserError("--opset must be >= 18 (the exporter and the contract are tested at 18)")
+    if not 1 <= args.max_batch_size <= 65536:
+        raise UserError("--max-batch-size must be in 1..65536")
+    if args.keep_versions < 1:
+        raise UserError("--keep-versions must be >= 1")
+    if not args.model_name.replace("_", "").replace("-", "").isalnum():
+        raise UserError(f"--model-name {args.model_name!r}: use letters, digits, '_' and '-'")
+    r = export_checkpoint(args.checkpoint, args.model_repository, args.model_name, args.max_batch_size,
+                          args.opset, args.keep_versions)
+    c = r.contract
+    print(f"exported {r.path} (version {r.version}, {r.size_bytes / 1e6:.2f} MB)")
+    print(f"  input  {INPUT_U}: FP32 [batch, {c.u_dim}]  ({c.u_layout_text})")
+    print(f"  output {OUTPUT_IMAGES}: UINT8 [batch, {c.image_h}, {c.image_w}, {c.image_c}];"
+          f" {OUTPUT_MEAN}: FP32 same shape")
+    print(f"  parity vs eager: max |mean diff| {r.max_mean_diff:.2e}, max pixel diff {r.max_pixel_diff}")
+    print(f"  onnxruntime CPU: {r.ms_per_image_ort:.3f} ms/image at batch 64; {len(r.ops)} op types")
+    print(f"  config: {Path(args.model_repository) / args.model_name / 'config.pbtxt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

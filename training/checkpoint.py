@@ -1,0 +1,121 @@
+"""Checkpoint I/O, in one place: state dicts + config JSON + step + format version + the training
+state that carries across steps. Atomic writes; ``weights_only=True`` loads; clear errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.config import KAEMConfig
+from training.model import KAEM
+
+FORMAT = "kaem-checkpoint"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d{7,})\.pt$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, truncated, foreign or from a newer format."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:07d}.pt"
+
+
+def save_checkpoint(path: str | Path, model: KAEM, step: int, optimizer: torch.optim.Optimizer | None = None,
+                    train_state: dict[str, Any] | None = None) -> Path:
+    """Write atomically: temp file in the same folder, fsync, rename (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config_json": model.cfg.to_json(),
+        "step": int(step),
+        "model": _plain(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "train_state": dict(train_state or {}),
+        "torch_version": str(torch.__version__),
+    }
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _plain(model: torch.nn.Module) -> KAEM:
+    return getattr(model, "module", model)  # unwrap DistributedDataParallel
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate a checkpoint dict; every failure is a :class:`CheckpointError` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"{path} is a folder with no ckpt-*.pt files in it")
+        path = latest
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"cannot read {path} ({size} bytes): truncated or not a PyTorch checkpoint ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0][:160]})"
+        ) from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a kaem checkpoint (no '{FORMAT}' format marker)")
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version}, newer than this software supports ({FORMAT_VERSION}): "
+            "upgrade kaem-serve"
+        )
+    for key in ("config_json", "step", "model"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path} lacks the '{key}' entry: incomplete checkpoint")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def config_of(ckpt: dict[str, Any]) -> KAEMConfig:
+    import json
+
+    try:
+        return KAEMConfig.from_dict(json.loads(ckpt["config_json"]))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{ckpt.get('path')}: stored config is invalid: {err}") from err
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[KAEM, dict[str, Any]]:
+    """Rebuild the model from the checkpoint's own config (the only way a model is rebuilt)."""
+    ckpt = load_checkpoint(path, map_location)
+    model = KAEM(config_of(ckpt))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{ckpt['path']}: weights do not match its config: {str(err)[:300]}") from err
+    return model.to(map_location).eval(), ckpt
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The highest-step ``ckpt-XXXXXXX.pt`` in ``run_dir`` (None if there is none)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
+    return max(found)[1] if found else None

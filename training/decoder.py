@@ -1,0 +1,75 @@
+"""Decoders g_Φ(h) (spec §1.3, §6): the KAN decoder of the MNIST/FMNIST configs and the
+transposed-convolution stacks of the colour configs. Both return pre-sigmoid logits [B, C, H, W].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from training.config import DecoderConfig
+from training.kan import KANLayer
+
+
+class KANDecoder(nn.Module):
+    """Q → hidden… → C·H·W KAN layers; the RBF grids are refitted from propagated latents."""
+
+    def __init__(self, cfg: DecoderConfig, Q: int, gen: torch.Generator):
+        super().__init__()
+        self.image_shape = cfg.image_shape
+        widths = (Q, *cfg.hidden, math.prod(cfg.image_shape))
+        self.layers = nn.ModuleList(
+            KANLayer(i, o, cfg.basis, cfg.grid_size, cfg.grid_range, cfg.base_act, gen)
+            for i, o in zip(widths[:-1], widths[1:], strict=True)
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        x = h
+        for layer in self.layers:
+            x = layer(x)
+        return x.view(-1, *self.image_shape)
+
+    @torch.no_grad()
+    def refit_grid(self, h: Tensor) -> None:
+        """Refit each layer's grid to the inputs it sees for these latents (spec §2.3)."""
+        x = h
+        for layer in self.layers:
+            layer.refit_grid(x)
+            x = layer(x)
+
+
+class ConvDecoder(nn.Module):
+    """1×1×Q → ConvTranspose stack → C channels. ``hidden_act`` (LeakyReLU(0.2) by default) sits
+    between layers; ``reference_linear`` drops it, matching the reference code exactly (spec §6:
+    its CNN is a linear map followed by a sigmoid, almost certainly unintended)."""
+
+    def __init__(self, cfg: DecoderConfig, Q: int):
+        super().__init__()
+        chans = (Q, *cfg.channels, cfg.image_shape[0])
+        mods: list[nn.Module] = []
+        for i, (k, s, p) in enumerate(cfg.layers):
+            mods.append(nn.ConvTranspose2d(chans[i], chans[i + 1], k, s, p))
+            if i < len(cfg.layers) - 1 and not cfg.reference_linear:
+                mods.append(nn.LeakyReLU(0.2) if cfg.hidden_act == "leaky_relu" else nn.GELU())
+        self.net = nn.Sequential(*mods)
+        self.image_shape = cfg.image_shape
+
+    def forward(self, h: Tensor) -> Tensor:
+        out = self.net(h.view(h.shape[0], -1, 1, 1))
+        if tuple(out.shape[1:]) != tuple(self.image_shape):
+            raise ValueError(f"conv decoder produces {tuple(out.shape[1:])}, config says {self.image_shape}")
+        return out
+
+    def refit_grid(self, h: Tensor) -> None:
+        """Conv decoders have no grid."""
+
+
+def build_decoder(cfg: DecoderConfig, Q: int, gen: torch.Generator) -> nn.Module:
+    if cfg.kind == "kan":
+        return KANDecoder(cfg, Q, gen)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    with torch.random.fork_rng(devices=[]):  # default conv init, seeded, without touching global state
+        torch.manual_seed(seed)
+        return ConvDecoder(cfg, Q)

@@ -1,0 +1,181 @@
+"""KAN univariate functions (spec §2): RBF / Fourier / Chebyshev bases, the prior's bank of
+independent energies f_{q,p}, the summed KAN layer of the decoder, and RBF grid refitting.
+
+Every op is elementwise or an einsum, so the same modules export to ONNX unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def base_activation(name: str) -> nn.Module:
+    return {
+        "silu": nn.SiLU(),
+        "leaky_relu": nn.LeakyReLU(0.2),
+        "gelu": nn.GELU(),
+        "none": _Zero(),
+    }[name]
+
+
+class _Zero(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+
+def _glorot_normal(*shape: int, fan_in: int, fan_out: int, gen: torch.Generator) -> Tensor:
+    return torch.randn(*shape, generator=gen) * math.sqrt(2.0 / (fan_in + fan_out))
+
+
+class Basis(nn.Module):
+    """Basis functions B_g(x) for a bank of univariate functions indexed by ``grid_shape``.
+
+    ``forward(x)`` takes ``x[..., *grid_shape]`` and returns ``[..., *grid_shape, K]``. RBF keeps a
+    grid (G+1 centres) per index, refitted from samples (spec §2.3); FFT and Chebyshev have none.
+    """
+
+    def __init__(self, kind: str, size: int, grid_shape: tuple[int, ...], domain: tuple[float, float]):
+        super().__init__()
+        self.kind, self.size = kind, size
+        a, b = domain
+        if kind == "rbf":
+            self.n_basis = size + 1
+            grid = torch.linspace(a, b, size + 1).expand(*grid_shape, size + 1).clone()
+            self.register_buffer("grid", grid)
+        elif kind == "fft":
+            self.n_basis = 2 * (size + 1)
+            self.register_buffer("freq", 2 * math.pi * torch.arange(size + 1, dtype=torch.float32))
+        elif kind == "cheby":
+            self.n_basis = size + 1
+            self.register_buffer("degree", torch.arange(size + 1, dtype=torch.float32))
+        else:
+            raise ValueError(f"unknown basis {kind!r}")
+        self.tau = nn.Parameter(torch.ones(()))  # trainable bandwidth / frequency scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.unsqueeze(-1)
+        if self.kind == "rbf":
+            h = (self.grid[..., -1:] - self.grid[..., :1]) / self.size  # centre spacing per index
+            return torch.exp(-0.5 * ((x - self.grid) / (h * self.tau)) ** 2)
+        if self.kind == "fft":
+            arg = x * (self.tau * self.freq)
+            return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
+        # Chebyshev: cos(k·arccos(tanh(x)/τ)); clamp keeps arccos defined when τ < 1.
+        c = torch.clamp(torch.tanh(x) / self.tau, -1.0 + 1e-6, 1.0 - 1e-6)
+        return torch.cos(self.degree * torch.acos(c))
+
+    @torch.no_grad()
+    def adapted_grid(self, samples: Tensor, uniform_share: float = 0.05) -> Tensor:
+        """New RBF grid from samples ``[N, *grid_shape]``: 0.05·uniform + 0.95·order statistics."""
+        s, _ = torch.sort(samples, dim=0)
+        n = s.shape[0]
+        pos = torch.linspace(0, n - 1, self.size + 1, device=s.device).round().long()
+        adaptive = s[pos].movedim(0, -1)  # [*grid_shape, G+1]
+        lo, hi = s[0], s[-1]
+        # Degenerate spread would make h = 0: widen to a minimum width around the centre.
+        width = torch.clamp(hi - lo, min=1e-2)
+        mid = 0.5 * (hi + lo)
+        lo, hi = mid - 0.5 * width, mid + 0.5 * width
+        steps = torch.linspace(0, 1, self.size + 1, device=s.device)
+        uniform = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * steps
+        # Strictly increasing (the uniform share is), so the least-squares refit stays well posed.
+        return uniform_share * uniform + (1 - uniform_share) * adaptive
+
+
+def _ridge_solve(design: Tensor, target: Tensor, ridge: float) -> Tensor:
+    """Batched least squares: min ||design·c - target||² + ridge·||c||², design [..., N, K]."""
+    gram = design.transpose(-1, -2) @ design
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + ridge * eye, design.transpose(-1, -2) @ target)
+
+
+class EnergyBank(nn.Module):
+    """Independent univariate functions φ_e(x) = w_base·b(x) + w_sp·Σ_g c_g B_g(x), e ∈ ``shape``.
+
+    The prior uses shape ``(Q, P)``: ``forward(z[..., Q, P]) -> f[..., Q, P]`` with f_{q,p}
+    evaluated at its own z_{q,p} (explicit [Q, P] tensors; never a reshape-as-transpose).
+    """
+
+    def __init__(self, shape: tuple[int, ...], basis: str, size: int, domain: tuple[float, float],
+                 base_act: str, fan_in: int, fan_out: int, eps_scale: float, gen: torch.Generator):
+        super().__init__()
+        self.basis = Basis(basis, size, shape, domain)
+        self.act = base_activation(base_act)
+        self.use_base = basis != "cheby" and base_act != "none"
+        glorot = _glorot_normal(*shape, fan_in=fan_in, fan_out=fan_out, gen=gen)
+        scale = 1.0 / math.sqrt(fan_in) + (2 * torch.randn(*shape, generator=gen) - 1) / math.sqrt(fan_in)
+        self.w_base = nn.Parameter(glorot * scale)
+        self.w_sp = nn.Parameter(_glorot_normal(*shape, fan_in=fan_in, fan_out=fan_out, gen=gen))
+        self.coef = nn.Parameter(_init_coef(self.basis, shape, fan_in, fan_out, eps_scale, gen))
+
+    def spline(self, x: Tensor) -> Tensor:
+        return (self.basis(x) * self.coef).sum(-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.w_sp * self.spline(x)
+        return out + self.w_base * self.act(x) if self.use_base else out
+
+    @torch.no_grad()
+    def refit_grid(self, samples: Tensor, ridge: float = 1e-4) -> None:
+        """RBF only: move the grid to the samples ``[N, *shape]`` keeping the function values there."""
+        if self.basis.kind != "rbf":
+            return
+        old = self.spline(samples)  # [N, *shape]
+        self.basis.grid.copy_(self.basis.adapted_grid(samples))
+        design = self.basis(samples).movedim(0, -2)  # [*shape, N, K]
+        self.coef.copy_(_ridge_solve(design, old.movedim(0, -1).unsqueeze(-1), ridge).squeeze(-1))
+
+
+def _init_coef(basis: Basis, coef_shape: tuple[int, ...], fan_in: int, fan_out: int, eps_scale: float,
+               gen: torch.Generator) -> Tensor:
+    """Spec §2.2: FFT ~ Glorot/(√I·m²); RBF = ridge fit of tiny noise U(-½,½)·ε/G at the grid points.
+
+    ``coef_shape`` starts with the basis' grid shape (the bank: equal; a KAN layer: (I,) + (O,))."""
+    if basis.kind == "fft":
+        m = torch.arange(1, basis.size + 2, dtype=torch.float32)
+        c = _glorot_normal(2, *coef_shape, basis.size + 1, fan_in=fan_in, fan_out=fan_out, gen=gen)
+        c = c / (math.sqrt(fan_in) * m**2)
+        return torch.cat([c[0], c[1]], dim=-1)
+    if basis.kind == "cheby":
+        return torch.randn(*coef_shape, basis.n_basis, generator=gen) / (fan_in * basis.n_basis)
+    G = basis.size
+    grid_shape = tuple(basis.grid.shape[:-1])
+    extra = coef_shape[len(grid_shape):]
+    n_rhs = math.prod(extra)
+    noise = (torch.rand(*grid_shape, n_rhs, G + 1, generator=gen) - 0.5) * eps_scale / G
+    design = basis(basis.grid.movedim(-1, 0)).movedim(0, -2)  # [*grid_shape, G+1 points, K]
+    coef = _ridge_solve(design, noise.transpose(-1, -2), 1e-4)  # [*grid_shape, K, n_rhs]
+    return coef.transpose(-1, -2).reshape(*coef_shape, basis.n_basis)
+
+
+class KANLayer(nn.Module):
+    """A KAN layer y_o = Σ_i φ_{i,o}(x_i) with a grid per input i (decoder; spec §2)."""
+
+    def __init__(self, n_in: int, n_out: int, basis: str, size: int, domain: tuple[float, float],
+                 base_act: str, gen: torch.Generator, eps_scale: float = 1.0):
+        super().__init__()
+        self.basis = Basis(basis, size, (n_in,), domain)
+        self.act = base_activation(base_act)
+        self.use_base = basis != "cheby" and base_act != "none"
+        glorot = _glorot_normal(n_in, n_out, fan_in=n_in, fan_out=n_out, gen=gen)
+        scale = 1.0 / math.sqrt(n_in) + (2 * torch.randn(n_in, n_out, generator=gen) - 1) / math.sqrt(n_in)
+        self.w_base = nn.Parameter(glorot * scale)
+        self.w_sp = nn.Parameter(_glorot_normal(n_in, n_out, fan_in=n_in, fan_out=n_out, gen=gen))
+        self.coef = nn.Parameter(_init_coef(self.basis, (n_in, n_out), n_in, n_out, eps_scale, gen))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.einsum("...ik,iok->...o", self.basis(x), self.coef * self.w_sp.unsqueeze(-1))
+        return y + self.act(x) @ self.w_base if self.use_base else y
+
+    @torch.no_grad()
+    def refit_grid(self, samples: Tensor, ridge: float = 1e-4) -> None:
+        """RBF only: new grid from layer inputs ``[N, I]``, keeping each φ_{i,o}'s values there."""
+        if self.basis.kind != "rbf":
+            return
+        old = torch.einsum("nik,iok->ion", self.basis(samples), self.coef)  # spline values [I, O, N]
+        self.basis.grid.copy_(self.basis.adapted_grid(samples))
+        design = self.basis(samples).permute(1, 0, 2)  # [I, N, K]
+        self.coef.copy_(_ridge_solve(design, old.transpose(1, 2), ridge).transpose(1, 2))

@@ -1,0 +1,49 @@
+"""KAEM = energy prior + decoder + Gaussian likelihood, rebuilt only from a ``KAEMConfig``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from training.config import KAEMConfig
+from training.decoder import build_decoder
+from training.prior import EnergyPrior
+
+
+class KAEM(nn.Module):
+    def __init__(self, cfg: KAEMConfig, init_seed: int | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(cfg.train.seed if init_seed is None else init_seed)
+        self.prior = EnergyPrior(cfg.prior, gen)
+        self.decoder = build_decoder(cfg.decoder, cfg.prior.Q, gen)
+        self.sigma = cfg.likelihood.sigma
+        self.sigma_n = cfg.likelihood.sigma_n
+
+    @property
+    def u_dim(self) -> int:
+        return self.prior.u_dim
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Pre-sigmoid decoder output g_Φ(h(z)), [B, C, H, W]."""
+        return self.decoder(self.prior.latent(z))
+
+    def generate(self, u: Tensor, cdf: Tensor | None = None) -> Tensor:
+        """Single forward pass u → x = sigmoid(g_Φ(h(F⁻¹(u)))) in [0, 1], [B, C, H, W], no noise."""
+        return torch.sigmoid(self.decode(self.prior.sample(u, cdf)))
+
+    def log_likelihood(self, x: Tensor, logits: Tensor, noise: Tensor | None) -> Tensor:
+        """ℓ_{b,s} = −||x_b − sigmoid(g_s + σ_n ε_{b,s})||² / (2σ²) for all pairs, [B, S].
+
+        x[B, C, H, W], logits[S, C, H, W], noise[B, S, C·H·W] or None. Without noise the square
+        expands into one (B×D)·(D×S) matmul, several times cheaper than the [B, S, D] tensor."""
+        xb = x.flatten(1)
+        g = logits.flatten(1)
+        if noise is None:
+            xhat = torch.sigmoid(g)
+            sq = (xb * xb).sum(1, keepdim=True) - 2 * xb @ xhat.T + (xhat * xhat).sum(1)
+        else:
+            xhat = torch.sigmoid(g.unsqueeze(0) + self.sigma_n * noise)
+            sq = ((xb.unsqueeze(1) - xhat) ** 2).sum(-1)
+        return -sq / (2 * self.sigma**2)

@@ -1,0 +1,202 @@
+"""The KAEM energy prior: reference measures pi0, Gauss-Legendre quadrature on [a, b], CDF tables
+and exact inverse-transform sampling (spec §1, §3, §4, §9), univariate (KART) and mixture.
+
+Sampling is compare-and-count + gather + linear interpolation on a CDF table; ``u`` comes in as a
+tensor and nothing random happens inside, so the same code runs eagerly and in the ONNX graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from training.config import PriorConfig
+from training.kan import EnergyBank
+
+# NaN becomes 0.5 and u is clamped into [U_EPS, 1 - U_EPS] before inversion (spec §9).
+U_EPS = 1e-6
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def log_pi0(z: Tensor, kind: str, eps: float) -> Tensor:
+    """log(pi0(z) + eps) for the reference measures of spec §3 (``ebm``: pi0 ≡ 1, log = 0).
+
+    The same ε-floor is used for quadrature masses and for log-prior evaluations, so ITS and the
+    losses agree even where Langevin moves z outside pi0's support."""
+    if kind == "ebm":
+        return torch.zeros_like(z)
+    log_eps = math.log(eps)
+    if kind == "uniform":
+        inside = (z >= 0) & (z <= 1)
+        return torch.where(inside, math.log1p(eps), log_eps) + 0 * z
+    if kind == "gaussian":
+        logpdf = -0.5 * z * z - _LOG_SQRT_2PI
+    elif kind == "lognormal":
+        # Exact LogNormal(0,1) log-density on z > 0 (the reference's new snapshot drops the square).
+        pos = z > 0
+        zs = torch.where(pos, z, torch.ones_like(z))
+        lz = torch.log(zs)
+        logpdf = torch.where(pos, -0.5 * lz * lz - lz - _LOG_SQRT_2PI, torch.full_like(z, -torch.inf))
+    else:
+        raise ValueError(f"unknown reference measure {kind!r}")
+    return torch.logaddexp(logpdf, torch.full_like(z, log_eps))
+
+
+def gauss_legendre(n: int, a: float, b: float) -> tuple[Tensor, Tensor]:
+    """Nodes (ascending) and weights of n-point Gauss-Legendre on [a, b].
+
+    Correct affine map x = (a+b)/2 + (b-a)/2·ξ, w = (b-a)/2·ω. (The reference writes
+    ((a+b)/2 + (b-a)/2)·ξ = b·ξ, right only for symmetric domains: spec §9 bug 1.)"""
+    xi, omega = np.polynomial.legendre.leggauss(n)
+    x = 0.5 * (a + b) + 0.5 * (b - a) * xi
+    w = 0.5 * (b - a) * omega
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(w, dtype=torch.float32)
+
+
+def knot_positions(nodes: Tensor, a: float, b: float, convention: str) -> Tensor:
+    """N+1 knots t_0..t_N for the piecewise-linear inverse CDF (spec §4.2)."""
+    if convention == "cell":  # each node's mass spread over its own cell [t_{k-1}, t_k]
+        mids = 0.5 * (nodes[1:] + nodes[:-1])
+        return torch.cat([nodes.new_tensor([a]), mids, nodes.new_tensor([b])])
+    # reference: knot j at node x_{j+1}, last knot repeats x_N
+    return torch.cat([nodes, nodes[-1:]])
+
+
+def sanitize_u(u: Tensor) -> Tensor:
+    """Replace NaN by 0.5 (clamp alone passes NaN through), then clamp into [U_EPS, 1 - U_EPS]."""
+    u = torch.where(torch.isnan(u), torch.full_like(u, 0.5), u)
+    return torch.clamp(u, U_EPS, 1.0 - U_EPS)
+
+
+def count_below(table: Tensor, value: Tensor) -> Tensor:
+    """#{j : table_j < value} over the last axis, as int64. Summed in float32 then cast: the int64
+    sum runs ~5x slower in onnxruntime with identical output (environment.md)."""
+    return (table < value.unsqueeze(-1)).to(torch.float32).sum(-1).to(torch.int64)
+
+
+def inverse_cdf(cdf: Tensor, knots: Tensor, u: Tensor) -> Tensor:
+    """Invert normalised CDF rows ``cdf[..., N+1]`` (broadcastable to ``u[..., None]``) at ``u``.
+
+    k = #{j : C_j < u} clamped to 1..N, gather (C, t) at k-1 and k, interpolate linearly;
+    a zero-mass cell returns its left knot."""
+    n = cdf.shape[-1] - 1
+    k = torch.clamp(count_below(cdf, u), 1, n)
+    full = cdf.expand(*u.shape, n + 1)
+    c_lo = torch.gather(full, -1, (k - 1).unsqueeze(-1)).squeeze(-1)
+    c_hi = torch.gather(full, -1, k.unsqueeze(-1)).squeeze(-1)
+    t_lo, t_hi = knots[k - 1], knots[k]
+    denom = c_hi - c_lo
+    ok = denom > 0
+    frac = torch.where(ok, (u - c_lo) / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(u))
+    return t_lo + (t_hi - t_lo) * torch.clamp(frac, 0.0, 1.0)
+
+
+class EnergyPrior(nn.Module):
+    """pi_{q,p}(z) = exp(f_{q,p}(z)) pi0(z) / Z_{q,p} with Q·P independent energies f (spec §1)."""
+
+    def __init__(self, cfg: PriorConfig, gen: torch.Generator):
+        super().__init__()
+        self.cfg = cfg
+        self.kind, self.P, self.Q = cfg.kind, cfg.P, cfg.Q
+        a, b = cfg.domain
+        # In the mixture case each latent q has P components: inputs Q, outputs P (spec §2).
+        fan_in, fan_out = (cfg.P, cfg.Q) if cfg.kind == "univariate" else (cfg.Q, cfg.P)
+        self.f = EnergyBank((cfg.Q, cfg.P), cfg.basis, cfg.grid_size, (a, b), cfg.base_act,
+                            fan_in, fan_out, cfg.init_eps_scale, gen)
+        self.register_buffer("nodes", torch.empty(cfg.n_quad))
+        self.register_buffer("log_w", torch.empty(cfg.n_quad))
+        self.register_buffer("knots", torch.empty(cfg.n_quad + 1))
+        self.register_buffer("domain", torch.tensor([a, b], dtype=torch.float32))
+        self.set_domain(a, b)
+        # Mixture proportions α = 1/P, not trained in any shipped config (spec §1.2).
+        log_alpha = torch.full((cfg.Q, cfg.P), -math.log(cfg.P))
+        self.register_buffer("log_alpha", log_alpha)
+        self.register_buffer("cum_alpha", torch.cumsum(log_alpha.exp(), dim=-1))
+
+    @property
+    def u_dim(self) -> int:
+        return self.P if self.kind == "univariate" else 2 * self.Q
+
+    @torch.no_grad()
+    def set_domain(self, a: float, b: float) -> None:
+        """(Re)build quadrature nodes, weights and knots on [a, b] (recomputed after any update)."""
+        x, w = gauss_legendre(self.cfg.n_quad, a, b)
+        dev = self.nodes.device
+        self.nodes.copy_(x.to(dev))
+        self.log_w.copy_(w.log().to(dev))
+        self.knots.copy_(knot_positions(x, a, b, self.cfg.knots).to(dev))
+        self.domain.copy_(torch.tensor([a, b], dtype=torch.float32, device=dev))
+
+    def log_pi0(self, z: Tensor) -> Tensor:
+        return log_pi0(z, self.cfg.pi0, self.cfg.eps)
+
+    def log_masses(self) -> Tensor:
+        """log m_{q,p,k} = log w_k + f_{q,p}(x_k) + log pi0(x_k), shape [Q, P, N] (differentiable)."""
+        x = self.nodes.view(-1, 1, 1).expand(-1, self.Q, self.P)
+        logm = self.log_w.view(-1, 1, 1) + self.f(x) + self.log_pi0(x)
+        return logm.permute(1, 2, 0)
+
+    def log_normalizer(self) -> Tensor:
+        """Quadrature log Z_{q,p}, shape [Q, P], differentiable in f."""
+        return torch.logsumexp(self.log_masses(), dim=-1)
+
+    def cdf_table(self) -> Tensor:
+        """Normalised CDF at the knots, [Q, P, N+1] with C_0 = 0 and C_N = 1 (log-space, spec §9)."""
+        logm = self.log_masses().float()
+        m = torch.exp(logm - logm.amax(dim=-1, keepdim=True))
+        c = torch.cumsum(m, dim=-1)
+        c = c / c[..., -1:]
+        return torch.cat([torch.zeros_like(c[..., :1]), c], dim=-1)
+
+    def sample(self, u: Tensor, cdf: Tensor | None = None) -> Tensor:
+        """Exact ITS samples from uniforms ``u[B, D]``: univariate z[B, Q, P] (u_p shared over q),
+        mixture z[B, Q]. ``cdf`` is a precomputed table (export bakes it in as a constant)."""
+        if cdf is None:
+            with torch.no_grad():
+                cdf = self.cdf_table()
+        u = sanitize_u(u)
+        if self.kind == "univariate":
+            return inverse_cdf(cdf, self.knots, u.unsqueeze(1).expand(-1, self.Q, -1))
+        v, w = u[:, : self.Q], u[:, self.Q :]
+        # Component p* = #{p : cumsum(α_q)_p < v} (compare-and-count), then invert its CDF row.
+        p_star = torch.clamp(count_below(self.cum_alpha, v), 0, self.P - 1)
+        row = torch.arange(self.Q, device=u.device) * self.P + p_star
+        rows = cdf.reshape(self.Q * self.P, -1)[row]  # [B, Q, N+1]
+        return inverse_cdf(rows, self.knots, w)
+
+    def latent(self, z: Tensor) -> Tensor:
+        """Decoder input h[B, Q]: h_q = Σ_p z_{q,p} (univariate) or z_q itself (mixture)."""
+        return z.sum(-1) if self.kind == "univariate" else z
+
+    def log_prob(self, z: Tensor, normalized: bool = False) -> Tensor:
+        """log pi(z) per sample, [B]. Univariate: Σ_{q,p} f + log pi0 (− log Z when normalised).
+
+        The mixture is always normalised with the differentiable quadrature log Z and logsumexp
+        over components (spec §9: the reference's Z = 1 shortcut is only right for equal masses)."""
+        if self.kind == "univariate":
+            lp = self.f(z) + self.log_pi0(z)
+            if normalized:
+                lp = lp - self.log_normalizer()
+            return lp.sum(dim=(-1, -2))
+        zq = z.unsqueeze(-1).expand(*z.shape, self.P)
+        comp = self.log_alpha + self.f(zq) - self.log_normalizer()
+        return (torch.logsumexp(comp, dim=-1) + self.log_pi0(z)).sum(-1)
+
+    def density_on_nodes(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(nodes[N], pi[Q, P, N], pi0[N]) normalised with the quadrature weights (for plots)."""
+        with torch.no_grad():
+            logm = self.log_masses()
+            log_z = torch.logsumexp(logm, dim=-1, keepdim=True)
+            dens = torch.exp(logm - log_z - self.log_w)
+            lp0 = self.log_pi0(self.nodes) + self.log_w
+            pi0 = torch.exp(lp0 - torch.logsumexp(lp0, 0) - self.log_w)
+        return self.nodes, dens, pi0
+
+    @torch.no_grad()
+    def refit_grid(self, z: Tensor) -> None:
+        """Refit the RBF grids of the energies from prior/posterior samples z (spec §2.3)."""
+        zz = z if self.kind == "univariate" else z.unsqueeze(-1).expand(*z.shape, self.P)
+        self.f.refit_grid(zz.reshape(-1, self.Q, self.P))

@@ -1,0 +1,47 @@
+"""Branch-free resampling of importance weights (spec §5.3, paper A.6.2): residual (default),
+systematic and stratified. Pure functions of the weights and injected uniforms."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _inverse_cumsum(cum: Tensor, v: Tensor) -> Tensor:
+    """k*_n = min{s : cum_s ≥ v_n} = #{s : cum_s < v_n}, clamped to a valid index. cum[B, N], v[B, M]."""
+    k = (cum.unsqueeze(1) < v.unsqueeze(-1)).sum(-1)
+    return torch.clamp(k, max=cum.shape[-1] - 1)
+
+
+def residual(w: Tensor, v: Tensor) -> Tensor:
+    """Residual resampling of each row of normalised weights ``w[B, N]`` with uniforms ``v[B, N]``.
+
+    ⌊N·w_s⌋ deterministic copies of s fill the first slots; the R = N − Σ⌊N·w⌋ free slots draw
+    from the residual weights (N·w − ⌊N·w⌋)/R by inverse CDF. Returns indices [B, N]."""
+    n = w.shape[-1]
+    r = torch.floor(n * w)
+    n_det = r.sum(-1, keepdim=True)  # [B, 1]
+    slot = torch.arange(n, device=w.device, dtype=w.dtype).expand_as(w)
+    # Deterministic slot j holds index #{s : cumsum(r)_s ≤ j}.
+    det_idx = torch.clamp((torch.cumsum(r, -1).unsqueeze(1) <= slot.unsqueeze(-1)).sum(-1), max=n - 1)
+    rem = n - n_det
+    resid = (n * w - r) / torch.where(rem > 0, rem, torch.ones_like(rem))
+    res_idx = _inverse_cumsum(torch.cumsum(resid, -1), v)
+    return torch.where(slot < n_det, det_idx, res_idx)
+
+
+def systematic(w: Tensor, v: Tensor) -> Tensor:
+    """One uniform per row (``v[B, 1]`` or the first column of ``v``): v_n = (U + n)/N."""
+    n = w.shape[-1]
+    pts = (v[:, :1] + torch.arange(n, device=w.device, dtype=w.dtype)) / n
+    return _inverse_cumsum(torch.cumsum(w, -1), pts)
+
+
+def stratified(w: Tensor, v: Tensor) -> Tensor:
+    """One uniform per slot: v_n = (U_n + n)/N."""
+    n = w.shape[-1]
+    pts = (v + torch.arange(n, device=w.device, dtype=w.dtype)) / n
+    return _inverse_cumsum(torch.cumsum(w, -1), pts)
+
+
+RESAMPLERS = {"residual": residual, "systematic": systematic, "stratified": stratified}

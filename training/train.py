@@ -1,0 +1,271 @@
+"""The training loop and ``kaem-train``: one linear, block-commented function, device- and
+rank-aware, so ``torchrun --nproc_per_node=N -m training.train ...`` runs DDP on the same code.
+
+Every step is a pure function of (parameters, optimiser state, seed, step, rank): data order
+comes from (seed, epoch), noise from (seed, step, rank), so ``--resume`` reproduces an
+uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import Dataset, DistributedSampler
+from tqdm import tqdm
+
+from training.checkpoint import (
+    CheckpointError,
+    checkpoint_name,
+    config_of,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from training.cli import UserError, resolve_device, user_errors
+from training.config import PRESETS, KAEMConfig, get_preset, with_overrides
+from training.losses import POSTERIORS
+from training.model import KAEM
+from training.uniforms import step_generator
+
+GRID_STREAM = 0x6772_6964  # rank slot for grid-refit noise: identical on every rank keeps DDP in sync
+KEEP_CHECKPOINTS = 3
+
+
+class LossModule(nn.Module):
+    """Wraps model + estimator so DistributedDataParallel sees the loss computation as forward()."""
+
+    def __init__(self, model: KAEM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float], Tensor | None]:
+        cfg = self.model.cfg.posterior
+        out = POSTERIORS[cfg.kind](self.model, x, gen, cfg)
+        return out.loss, out.stats, out.z
+
+
+class StepBatches:
+    """Batch indices for step i: DistributedSampler order of epoch i // batches_per_epoch."""
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int):
+        self.sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.per_epoch = len(self.sampler) // batch_size
+        if self.per_epoch < 1:
+            raise UserError(f"dataset of {n} images is smaller than one batch of {batch_size} per rank")
+        self._epoch, self._order = -1, []
+
+    def __call__(self, step: int) -> list[int]:
+        epoch, offset = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._epoch, self._order = epoch, list(iter(self.sampler))
+        return self._order[offset * self.batch_size : (offset + 1) * self.batch_size]
+
+
+def fetch(dataset: Dataset, idx: list[int], device: torch.device) -> Tensor:
+    getitems = getattr(dataset, "__getitems__", None)
+    x = getitems(idx) if getitems is not None else torch.stack([dataset[i] for i in idx])
+    return x.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def refit_grids(model: KAEM, seed: int, step: int, n: int, device: torch.device) -> None:
+    """Spec §2.3: refit RBF grids (prior and KAN decoder) to prior samples (the IS rule)."""
+    gen = step_generator(seed, step, GRID_STREAM, device)
+    z = model.prior.sample(torch.rand(n, model.u_dim, generator=gen, device=device))
+    model.prior.refit_grid(z)
+    model.decoder.refit_grid(model.prior.latent(z))
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world, device) from torchrun's environment; gloo on CPU, NCCL on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str | None = None,
+          resume: bool = False, progress: bool = True) -> Path:
+    # Returns the last checkpoint written (on rank 0; other ranks return its expected path).
+    """Train ``cfg`` into ``run_dir``; returns the final checkpoint path."""
+    from training.data import load_dataset  # deferred: the CLI's --dry-run and errors stay fast
+
+    # ---- Distributed setup and run directory --------------------------------------------------
+    rank, world, device = init_distributed(device)
+    is_main = rank == 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    latest = latest_checkpoint(run_dir)
+    if latest is not None and not resume:
+        raise UserError(f"{run_dir} already holds checkpoints ({latest.name}): pass --resume to continue it "
+                        "or choose another --out")
+
+    # ---- Model, optimiser, and (on --resume) every piece of state that carries across steps ----
+    train_state: dict[str, Any] = {"next_grid_update": 0, "grid_interval": float(cfg.train.grid_update_every)}
+    ckpt = None
+    if resume and latest is not None:
+        ckpt = load_checkpoint(latest, map_location=device)
+        steps = cfg.train.steps
+        cfg = config_of(ckpt)
+        cfg = replace(cfg, train=replace(cfg.train, steps=steps))
+        train_state.update(ckpt["train_state"])
+    model = KAEM(cfg).to(device)
+    tc = cfg.train
+    if tc.optimizer != "adam":
+        raise UserError(f"optimizer {tc.optimizer!r} is not available; use adam")
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start = int(ckpt["step"])
+    loss_module: nn.Module = LossModule(model)
+    if world > 1:
+        loss_module = nn.parallel.DistributedDataParallel(loss_module)
+
+    # ---- Data: in-memory datasets, deterministic per-(seed, epoch) order, sharded over ranks ----
+    dataset = load_dataset(tc.dataset, data_root, "train")
+    batches = StepBatches(len(dataset), tc.batch_size, world, rank, tc.seed)
+    if is_main:
+        (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+        log = open(run_dir / "stats.jsonl", "a")  # noqa: SIM115 - closed in finally
+        if start:
+            log.write(json.dumps({"event": "resume", "step": start}) + "\n")
+
+    def checkpoint(step: int) -> Path:
+        path = save_checkpoint(run_dir / checkpoint_name(step), model, step, opt, train_state)
+        for old in sorted(run_dir.glob("ckpt-*.pt"))[:-KEEP_CHECKPOINTS]:
+            old.unlink(missing_ok=True)
+        return path
+
+    # ---- The loop -------------------------------------------------------------------------------
+    bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main), unit="step",
+               dynamic_ncols=True, mininterval=1.0)
+    acc: dict[str, float] = {}
+    n_acc, t_window, completed = 0, time.perf_counter(), start
+    final = latest
+    try:
+        for step in range(start, tc.steps):
+            # Grid refits on a schedule whose interval grows by grid_update_growth per refit.
+            if tc.grid_update_every and step == train_state["next_grid_update"] and step <= tc.grid_update_until:
+                refit_grids(model, tc.seed, step, tc.grid_samples, device)
+                train_state["grid_interval"] *= tc.grid_update_growth
+                train_state["next_grid_update"] = step + max(1, round(train_state["grid_interval"]))
+
+            x = fetch(dataset, batches(step), device)
+            loss, stats, _ = loss_module(x, step_generator(tc.seed, step, rank, device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                stats["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            opt.step()
+            completed = step + 1
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)} at step {step}: lower --lr or check the data")
+
+            # Logging (rank 0): averages over the window, images/s over all ranks.
+            for k, v in stats.items():
+                acc[k] = acc.get(k, 0.0) + v
+            n_acc += 1
+            done = step + 1
+            if is_main and (step == start or done % tc.log_every == 0 or done == tc.steps):
+                dt = time.perf_counter() - t_window
+                rec = {"step": done, **{k: v / n_acc for k, v in acc.items()},
+                       "images_per_s": n_acc * tc.batch_size * world / max(dt, 1e-9), "time": time.time()}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.1f}", loglik=f"{rec['loglik']:.1f}",
+                                img_s=f"{rec['images_per_s']:.0f}", refresh=False)
+                acc, n_acc, t_window = {}, 0, time.perf_counter()
+            bar.update(1)
+            if is_main and done % tc.checkpoint_every == 0 and done < tc.steps:
+                final = checkpoint(done)
+        if is_main and (final is None or completed > start):
+            final = checkpoint(completed)
+    except KeyboardInterrupt:
+        if is_main and completed > start:  # nothing lost: keep what the interrupted run learned
+            path = checkpoint(completed)
+            print(f"\ninterrupted: saved {path} (continue with --resume)", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+        if is_main:
+            log.close()
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+    return final if final is not None else run_dir / checkpoint_name(completed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kaem-train",
+        description="Train a KAEM (energy prior + decoder) by importance-sampling maximum likelihood. "
+        "Writes config.json, stats.jsonl, ckpt-XXXXXXX.pt and samples.png into the run directory. "
+        "Multi-process: torchrun --nproc_per_node=N -m training.train ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default="fmnist", help=f"configuration preset: {', '.join(PRESETS)}")
+    p.add_argument("--steps", type=int, default=None, help="number of updates (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step per rank (default: preset's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
+    p.add_argument("--seed", type=int, default=None, help="seed for init, data order and noise (default: 0)")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the project's data/ folder "
+                   "that `make setup` fills; SVHN/CIFAR-10/CelebA need your own copy)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--samples", type=int, default=64, help="images in the final samples.png (0: none)")
+    return p
+
+
+@user_errors(KeyError, ValueError, CheckpointError)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = with_overrides(get_preset(args.preset), steps=args.steps, seed=args.seed, lr=args.lr,
+                         batch_size=args.batch_size)
+    cfg.validate()
+    if args.steps is not None and args.steps < 0:
+        raise UserError("--steps must be >= 0")
+    if args.dry_run:
+        print(cfg.to_json())
+        return 0
+    from training.data import DataError
+
+    run_dir = Path(args.out or f"runs/{cfg.preset}")
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    try:
+        final = train(cfg, run_dir, device, args.data_root, args.resume, progress=not args.no_progress)
+    except DataError as err:
+        raise UserError(str(err)) from err
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {run_dir} in {time.perf_counter() - t0:.0f} s -> {final}")
+        if args.samples > 0:
+            from training.sample import write_samples
+
+            grid = write_samples(final, range(args.samples), run_dir / "samples.png")
+            print(f"samples: {grid}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -71,11 +71,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = latest
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
+    except (RuntimeError, EOFError, OSError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
         size = path.stat().st_size
         raise CheckpointError(
             f"cannot read {path} ({size} bytes): truncated or not a PyTorch checkpoint ({err.__class__.__name__}: "
-            f"{str(err).splitlines()[0][:160]})"
+            f"{(str(err).splitlines() or [""])[0][:160]})"
         ) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a kaem checkpoint (no '{FORMAT}' format marker)")
@@ -119,3 +119,33 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
     return max(found)[1] if found else None
+
+
+def slim_copy(src: str | Path, dst: str | Path) -> Path:
+    """Copy of a checkpoint with the model only (no optimiser/training state): for shipping/serving."""
+    model, ckpt = load_model(src)
+    return save_checkpoint(dst, model, int(ckpt["step"]), None, {"slim_of": Path(ckpt["path"]).name})
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m training.checkpoint",
+                                description="Checkpoint utilities. 'slim SRC DST' keeps the model weights only.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("slim", help="write a model-only copy of SRC (file or run directory) to DST")
+    s.add_argument("src")
+    s.add_argument("dst")
+    args = p.parse_args(argv)
+    try:
+        out = slim_copy(args.src, args.dst)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

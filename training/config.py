@@ -89,7 +89,7 @@ class PosteriorConfig:
 class TrainConfig:
     dataset: str = "fmnist"
     batch_size: int = 100
-    steps: int = 6000
+    steps: int = 5000
     lr: float = 1e-3
     optimizer: str = "adam"
     grad_clip: float = 0.0  # 0 = off

@@ -59,7 +59,8 @@ class Basis(nn.Module):
         x = x.unsqueeze(-1)
         if self.kind == "rbf":
             h = (self.grid[..., -1:] - self.grid[..., :1]) / self.size  # centre spacing per index
-            return torch.exp(-0.5 * ((x - self.grid) / (h * self.tau)) ** 2)
+            d = (x - self.grid) / (h * self.tau)
+            return torch.exp(-0.5 * d * d)
         if self.kind == "fft":
             arg = x * (self.tau * self.freq)
             return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from training.config import PosteriorConfig
 from training.model import KAEM
@@ -34,20 +35,22 @@ def importance_sampling_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: 
     B, S = x.shape[0], cfg.n_samples
 
     # 1. N_s exact prior proposals shared by the batch, and N_s fresh ones for the CD term.
-    with torch.no_grad():
+    with torch.no_grad(), record_function("kaem.prior_its"):
         cdf = prior.cdf_table()
         z = prior.sample(torch.rand(S, prior.u_dim, generator=gen, device=dev), cdf)
         z_prior = prior.sample(torch.rand(S, prior.u_dim, generator=gen, device=dev), cdf)
 
     # 2. ℓ_{b,s} = log p(x_b | z_s) with fresh decoder noise per (b, s).
-    logits = model.decode(z)
-    noise = None
-    if cfg.decoder_noise and model.sigma_n > 0:
-        noise = torch.randn(B, S, logits[0].numel(), generator=gen, device=dev)
-    ell = model.log_likelihood(x, logits, noise)
+    with record_function("kaem.decoder"):
+        logits = model.decode(z)
+    with record_function("kaem.likelihood"):
+        noise = None
+        if cfg.decoder_noise and model.sigma_n > 0:
+            noise = torch.randn(B, S, logits[0].numel(), generator=gen, device=dev)
+        ell = model.log_likelihood(x, logits, noise)
 
     # 3-5. Weights = likelihoods (the proposal is the prior); resample rows whose ESS is low.
-    with torch.no_grad():
+    with torch.no_grad(), record_function("kaem.resample"):
         w = torch.softmax(ell, dim=1)
         ess = 1.0 / (w * w).sum(1)
         resample = (ess < cfg.ess_threshold * S).unsqueeze(1)
@@ -58,11 +61,12 @@ def importance_sampling_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: 
         #    softmax to the probabilities instead; spec §9 bug 3.)
         omega = torch.where(resample, torch.full_like(w, 1.0 / S), w)
 
-    logp = prior.log_prob(z, normalized=not cfg.contrastive)  # [S]
+    with record_function("kaem.prior_energy"):
+        logp = prior.log_prob(z, normalized=not cfg.contrastive)  # [S]
+        # 7. Contrastive prior term over fresh ITS samples (exact, so no MCMC bias).
+        prior_term = prior.log_prob(z_prior).mean() if cfg.contrastive else torch.zeros((), device=dev)
     ell_post = (omega * ell.gather(1, idx)).sum(1)  # [B]
     post = (omega * logp[idx]).sum(1) + ell_post
-    # 7. Contrastive prior term over fresh ITS samples (exact, so no MCMC bias).
-    prior_term = prior.log_prob(z_prior).mean() if cfg.contrastive else torch.zeros((), device=dev)
     loss = -(post.mean() - prior_term)
 
     with torch.no_grad():

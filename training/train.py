@@ -89,6 +89,19 @@ def refit_grids(model: KAEM, seed: int, step: int, n: int, device: torch.device)
     model.decoder.refit_grid(model.prior.latent(z))
 
 
+def check_ranks_in_sync(model: nn.Module) -> None:
+    """DDP keeps replicas identical; verify it (grid refits and buffers included) before saving."""
+    flat = torch.cat([t.detach().float().flatten() for t in model.state_dict().values()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    diff = torch.tensor([float((flat - ref).abs().max())], device=flat.device)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    if float(diff) != 0.0:
+        raise RuntimeError(f"DDP ranks diverged: max parameter difference {float(diff):.3g}")
+    if dist.get_rank() == 0:
+        print(f"ranks in sync: {dist.get_world_size()} replicas identical", file=sys.stderr)
+
+
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world, device) from torchrun's environment; gloo on CPU, NCCL on GPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -196,6 +209,8 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
             bar.update(1)
             if is_main and done % tc.checkpoint_every == 0 and done < tc.steps:
                 final = checkpoint(done)
+        if world > 1:
+            check_ranks_in_sync(model)
         if is_main and (final is None or completed > start):
             final = checkpoint(completed)
     except KeyboardInterrupt:

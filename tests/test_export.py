@@ -1,0 +1,119 @@
+"""Export: the real exporter on trained checkpoints (univariate and mixture priors), graph checks,
+onnxruntime-vs-eager parity at two batch sizes, NaN/edge inputs, atomic versioning, the committed
+default config, and the ``python export/to_onnx.py`` script invocation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, ModelContract
+from export.to_onnx import contract_for, export_checkpoint, ort_session
+from export.triton_config import parse_config, render_config
+from training.checkpoint import load_model, save_checkpoint
+from training.config import get_preset, with_overrides
+from training.model import KAEM
+from training.sample import sample_images, seeds_to_u
+from training.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("digits")
+    return train(with_overrides(get_preset("digits"), steps=30), run, torch.device("cpu"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def exported(digits_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+    repo = tmp_path_factory.mktemp("repo")
+    return export_checkpoint(digits_ckpt, repo, "kaem_digits", max_batch_size=64), repo
+
+
+def test_graph_contract_and_metadata(exported) -> None:
+    report, _ = exported
+    proto = onnx.load(str(report.path))
+    assert proto.ir_version <= 10
+    meta = {p.key: p.value for p in proto.metadata_props}
+    contract = ModelContract.from_metadata(meta)
+    assert contract == report.contract and contract.u_dim == 4
+    assert [i.name for i in proto.graph.input] == [INPUT_U]
+    assert {o.name for o in proto.graph.output} == {OUTPUT_IMAGES, OUTPUT_MEAN}
+    ops = {n.op_type for n in proto.graph.node}
+    assert not ops & {"RandomUniform", "RandomUniformLike", "RandomNormal", "Multinomial"}
+    assert "IsNaN" in ops  # the graph sanitises u itself
+
+
+@pytest.mark.parametrize("batch", [1, 37])
+def test_ort_matches_eager_for_seeds(exported, digits_ckpt: Path, batch: int) -> None:
+    report, _ = exported
+    model, _ = load_model(digits_ckpt)
+    seeds = list(range(1000, 1000 + batch))
+    eager = sample_images(model, seeds)
+    ort_images = ort_session(report.path).run([OUTPUT_IMAGES], {INPUT_U: seeds_to_u(model, seeds)})[0]
+    assert ort_images.dtype == np.uint8 and ort_images.shape == (batch, 8, 8, 1)
+    assert int(np.abs(ort_images.astype(int) - eager.astype(int)).max()) <= 1  # stated tolerance: 1 grey level
+    assert (ort_images == eager).mean() > 0.99
+
+
+def test_nan_and_out_of_range_u_give_valid_images(exported) -> None:
+    report, _ = exported
+    u = np.array([[np.nan] * 4, [-5.0] * 4, [7.0] * 4, [0.0, 1.0, np.inf, -np.inf], [0.5] * 4], dtype=np.float32)
+    images, mean = ort_session(report.path).run([OUTPUT_IMAGES, OUTPUT_MEAN], {INPUT_U: u})
+    assert np.isfinite(mean).all() and mean.min() >= 0 and mean.max() <= 1
+    assert np.array_equal(images[0], images[4])  # NaN is treated as 0.5
+
+
+def test_mixture_prior_exports_with_selection_layout(tmp_path: Path) -> None:
+    cfg = get_preset("svhn")
+    from dataclasses import replace
+
+    small = replace(cfg, prior=replace(cfg.prior, P=3, Q=5, grid_size=6, n_quad=30),
+                    decoder=replace(cfg.decoder, channels=(8, 4, 4)))
+    model = KAEM(small)
+    ckpt = save_checkpoint(tmp_path / "ckpt-0000000.pt", model, 0)
+    report = export_checkpoint(ckpt, tmp_path / "repo", "kaem_mix", max_batch_size=8)
+    assert report.contract.u_dim == 10 and report.contract.its_start == 5
+    assert report.max_pixel_diff <= 1
+    cfg_text = (tmp_path / "repo" / "kaem_mix" / "config.pbtxt").read_text()
+    parsed = parse_config(cfg_text)
+    assert list(parsed.input[0].dims) == [10] and parsed.max_batch_size == 8
+
+
+def test_versions_are_atomic_and_pruned(digits_ckpt: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "m" / "1").mkdir(parents=True)
+    (repo / "m" / "1" / ".gitkeep").touch()  # the committed placeholder
+    versions = [export_checkpoint(digits_ckpt, repo, "m", keep_versions=2).version for _ in range(3)]
+    assert versions == [1, 2, 3]
+    assert not (repo / "m" / "1" / "model.onnx").exists() and (repo / "m" / "1" / ".gitkeep").exists()
+    assert (repo / "m" / "3" / "model.onnx").exists() and (repo / "m" / "2" / "model.onnx").exists()
+    assert not [p for p in (repo / "m").iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_committed_default_config_is_reproduced() -> None:
+    model = KAEM(get_preset("fmnist"))
+    committed = ROOT / "model_repository" / "kaem_fmnist" / "config.pbtxt"
+    assert committed.read_text() == render_config("kaem_fmnist", contract_for(model))
+    assert (ROOT / "model_repository" / "kaem_fmnist" / "1" / ".gitkeep").exists()
+
+
+def test_script_invocation_and_user_errors(digits_ckpt: Path, tmp_path: Path) -> None:
+    script = ROOT / "export" / "to_onnx.py"
+    r = subprocess.run([sys.executable, str(script), "--checkpoint", str(digits_ckpt), "--model-repository",
+                        str(tmp_path), "--model-name", "kaem_digits"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "parity vs eager" in r.stdout and (tmp_path / "kaem_digits" / "1" / "model.onnx").exists()
+    bad = subprocess.run([sys.executable, str(script), "--checkpoint", str(tmp_path / "nope.pt")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "checkpoint not found" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run([sys.executable, str(script), "--checkpoint", str(digits_ckpt), "--opset", "13"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--opset" in bad.stderr

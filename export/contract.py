@@ -28,7 +28,8 @@ U_EPS = 1e-6
 DEFAULT_MODEL_NAME = "kaem_fmnist"
 DEFAULT_MAX_BATCH_SIZE = 256
 
-_PREFIX = "kaem."
+METADATA_PREFIX = "kaem."
+_PREFIX = METADATA_PREFIX
 
 
 class ContractError(ValueError):

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 GENERATOR_VERSION = "kaem-u-splitmix64-v1"
 MAX_SEED = 2**63 - 1
@@ -65,6 +68,8 @@ def mix_seed(*parts: int) -> int:
 def step_generator(seed: int, step: int, rank: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
     """A fresh generator for one training step: per-step noise depends on (seed, step, rank) only,
     never on how many draws earlier steps made, so a resumed run sees the same noise."""
+    import torch  # lazy: the serving client imports this module and must start fast
+
     gen = torch.Generator(device=device)
     gen.manual_seed(mix_seed(seed, step, rank))
     return gen

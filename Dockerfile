@@ -1,0 +1,31 @@
+# Production GPU image of kaem-serve: NVIDIA Triton Inference Server 2.51 (NGC 24.10, the same
+# release as the local binary that nvidia-pytriton ships) serving model_repository/ with the NATIVE
+# onnxruntime backend (the local CPU shim from serving/launcher.py is not used here).
+#
+# Export BEFORE building: the model.onnx files under model_repository/<model>/<version>/ are written
+# by `python export/to_onnx.py ...` and are not committed; the image bakes in whatever is there.
+#   docker build -t kaem-serve .
+#   docker run --gpus all -p 8000:8000 -p 8001:8001 -p 8002:8002 kaem-serve
+FROM nvcr.io/nvidia/tritonserver:24.10-py3
+
+# Same repository layout and path convention as `kaem-serve --model-repository model_repository`.
+COPY model_repository/ /models/
+
+# Unprivileged: the base image's `triton-server` user (uid 1000). Numeric, so Kubernetes'
+# runAsNonRoot can verify it; the server only reads /models.
+USER 1000:1000
+
+# HTTP/REST, gRPC, Prometheus metrics.
+EXPOSE 8000 8001 8002
+
+# Ready = server up AND every model loaded (strict readiness). python3 is in the base image.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python3", "-c", "import sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2); sys.exit(r.status != 200)"]
+
+# Serve exactly the rendered config (no auto-completion), with p50/p90/p99 latency summaries.
+CMD ["tritonserver", \
+     "--model-repository=/models", \
+     "--disable-auto-complete-config", \
+     "--exit-timeout-secs=5", \
+     "--metrics-config=summary_latencies=true", \
+     "--metrics-config=summary_quantiles=0.5:0.05,0.9:0.01,0.99:0.001"]

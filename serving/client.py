@@ -1,0 +1,221 @@
+"""``kaem-generate``: seeds -> uniforms -> Triton (gRPC) -> uint8 images -> PNG grid.
+
+The client checks liveness, readiness and the served model's contract before sending anything,
+and records its own request latencies in a Prometheus histogram (histograms aggregate across
+replicas; Triton's summaries do not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from prometheus_client import CollectorRegistry, Histogram
+from tritonclient.utils import InferenceServerException
+
+from export.contract import DEFAULT_MODEL_NAME, INPUT_U, OUTPUT_IMAGES, ContractError, ModelContract
+from export.triton_config import contract_from_config
+from serving.metrics import histogram_quantile
+from training.uniforms import parse_seeds, truncate, uniforms_for_seeds
+
+# Request latency buckets in seconds: 0.25 ms .. ~46 s, x sqrt(2) per bucket (quantile estimates
+# interpolate inside one bucket, so their error is bounded by its width).
+LATENCY_BUCKETS = tuple(round(0.00025 * 2 ** (i / 2), 7) for i in range(36))
+
+
+class ServingError(RuntimeError):
+    """The server is unreachable, not ready, does not serve the model, or rejected a request."""
+
+
+@dataclass
+class ServedModel:
+    """What the client learned about one served model before sending."""
+
+    name: str
+    contract: ModelContract
+    max_batch_size: int
+
+
+@dataclass
+class GenerationStats:
+    """Client-side view of one ``generate_images`` call (latencies in seconds)."""
+
+    images: int
+    requests: int
+    wall_s: float
+    registry: CollectorRegistry = field(repr=False)
+    histogram: Histogram = field(repr=False)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.wall_s if self.wall_s > 0 else math.nan
+
+    def latency_quantile(self, q: float) -> float:
+        """Request-latency quantile (s) estimated from the histogram buckets."""
+        buckets = [(float(s.labels["le"]), s.value) for m in self.registry.collect() for s in m.samples
+                   if s.name.endswith("_bucket")]
+        return histogram_quantile(q, buckets)
+
+    def summary(self) -> str:
+        p50, p90, p99 = (1000 * self.latency_quantile(q) for q in (0.5, 0.9, 0.99))
+        return (f"{self.images} images in {self.requests} requests, {self.wall_s:.3f} s: "
+                f"{self.images_per_s:,.1f} images/s; request latency p50 {p50:.2f} ms, p90 {p90:.2f} ms,"
+                f" p99 {p99:.2f} ms (client-side, estimated from histogram buckets)")
+
+
+def _call(what: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except InferenceServerException as err:
+        raise ServingError(f"{what}: {err.message() or err}") from None
+
+
+def connect(url: str, model: str, timeout_s: float = 10.0) -> tuple[grpcclient.InferenceServerClient, ServedModel]:
+    """Open a gRPC client, check server liveness/readiness and model readiness, and read the
+    model's contract from its config (raises :class:`ServingError` or ``ContractError``)."""
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        live = client.is_server_live(client_timeout=timeout_s)
+    except InferenceServerException as err:
+        raise ServingError(f"no Triton server reachable at {url} ({err.message() or err}):"
+                           " start one with kaem-serve or pass --url host:port") from None
+    if not live:
+        raise ServingError(f"the Triton server at {url} is not live")
+    if not _call("readiness", client.is_server_ready, client_timeout=timeout_s):
+        raise ServingError(f"the Triton server at {url} is live but not ready (models still loading?)")
+    if not _call("model readiness", client.is_model_ready, model, client_timeout=timeout_s):
+        index = _call("repository index", client.get_model_repository_index)
+        names = sorted({m.name for m in index.models if m.state == "READY"})
+        raise ServingError(f"model {model!r} is not served (ready) at {url}; ready models: {names or 'none'}")
+    cfg = _call("model config", client.get_model_config, model, client_timeout=timeout_s).config
+    try:
+        contract = contract_from_config(cfg)
+    except ContractError as err:
+        raise ContractError(f"refusing model {model!r} at {url}: {err}") from None
+    return client, ServedModel(model, contract, cfg.max_batch_size)
+
+
+def seeds_to_u(seeds: Sequence[int], contract: ModelContract, truncation: float = 1.0) -> np.ndarray:
+    """Uniforms ``[N, D]`` for image seeds, with the truncation trick on the ITS columns only."""
+    u = uniforms_for_seeds(seeds, contract.u_dim)
+    return truncate(u, truncation, contract.its_start) if truncation != 1.0 else u
+
+
+def _infer(client: grpcclient.InferenceServerClient, model: str, u: np.ndarray, timeout_s: float) -> np.ndarray:
+    inp = grpcclient.InferInput(INPUT_U, list(u.shape), "FP32")
+    inp.set_data_from_numpy(np.ascontiguousarray(u, dtype=np.float32))
+    result = _call(f"inference on {model!r}", client.infer, model, [inp],
+                   outputs=[grpcclient.InferRequestedOutput(OUTPUT_IMAGES)], client_timeout=timeout_s)
+    images = result.as_numpy(OUTPUT_IMAGES)
+    if images is None or images.shape[0] != u.shape[0]:
+        raise ServingError(f"the server returned no/short {OUTPUT_IMAGES!r} output for {u.shape[0]} rows"
+                           " (a numpy-2 Python backend stub does that: keep numpy<2 on the server)")
+    return images
+
+
+def generate_images(url: str, model: str, seeds: Sequence[int], truncation: float = 1.0, concurrency: int = 1,
+                    batch_size: int | None = None, timeout_s: float = 60.0) -> tuple[np.ndarray, GenerationStats]:
+    """Images uint8 ``[N, H, W, C]`` for ``seeds`` (in seed order) from a Triton server at ``url``
+    (gRPC ``host:port``). Requests hold at most ``batch_size`` rows (default and cap: the model's
+    ``max_batch_size``); ``concurrency`` requests are in flight at once, one client per thread."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if not seeds:
+        raise ValueError("no seeds given")
+    client, served = connect(url, model)
+    limit = min(batch_size or served.max_batch_size, served.max_batch_size)
+    if limit < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    u = seeds_to_u(seeds, served.contract, truncation)
+    chunks = [u[i : i + limit] for i in range(0, len(u), limit)]
+    registry = CollectorRegistry()
+    hist = Histogram("kaem_client_request_seconds", "Client-side Triton request latency",
+                     ["model"], buckets=LATENCY_BUCKETS, registry=registry)
+    observe = hist.labels(model=model)
+    local, opened = threading.local(), [client]
+
+    def run(chunk: np.ndarray) -> np.ndarray:
+        if concurrency == 1:
+            local.client = client
+        elif not hasattr(local, "client"):
+            local.client = grpcclient.InferenceServerClient(url)
+            opened.append(local.client)  # list.append is atomic under the GIL
+        t0 = time.perf_counter()
+        images = _infer(local.client, model, chunk, timeout_s)
+        observe.observe(time.perf_counter() - t0)
+        return images
+
+    t0 = time.perf_counter()
+    try:
+        if concurrency == 1:
+            parts = [run(c) for c in chunks]
+        else:
+            with ThreadPoolExecutor(max_workers=concurrency) as pool:
+                parts = list(pool.map(run, chunks))  # map keeps seed order
+    finally:
+        for c in opened:
+            c.close()
+    wall = time.perf_counter() - t0
+    stats = GenerationStats(len(seeds), len(chunks), wall, registry, hist)
+    return np.concatenate(parts), stats
+
+
+def _upscale_for(h: int, w: int, target: int = 96) -> int:
+    return max(1, target // max(h, w))
+
+
+def server_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A CLI parser with the options every client of a served model shares (``--url``, ``--model``)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--url", default="localhost:8001", help="Triton gRPC address (host:port)")
+    p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="served model name")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = server_parser("kaem-generate", __doc__)
+    p.add_argument("--seeds", required=True, help="image seeds: '0-63', '7' or '0-9,100,200-203'")
+    p.add_argument("--truncation", type=float, default=1.0,
+                   help="truncation T in (0, 1] on the ITS uniforms: u' = 0.5 + T (u - 0.5); 1 is off")
+    p.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per request (default: model max_batch_size)")
+    p.add_argument("--out", default="samples.png", help="PNG grid to write")
+    p.add_argument("--out-dir", default=None, help="also write one PNG per seed into this folder")
+    p.add_argument("--upscale", type=int, default=0, help="pixel repeat for the grid (0: auto, ~96 px per image)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from training.images import save_each, save_grid
+
+    args = build_parser().parse_args(argv)
+    try:
+        seeds = parse_seeds(args.seeds)
+        images, stats = generate_images(args.url, args.model, seeds, args.truncation, args.concurrency,
+                                        args.batch_size, args.timeout)
+    except (ValueError, ServingError) as err:  # ContractError is a ValueError
+        print(f"kaem-generate: error: {err}", file=sys.stderr)
+        return 2
+    upscale = args.upscale or _upscale_for(images.shape[1], images.shape[2])
+    grid = save_grid(images, args.out, upscale=upscale)
+    print(f"wrote {grid} ({len(seeds)} images of {images.shape[1]}x{images.shape[2]}x{images.shape[3]},"
+          f" upscaled x{upscale})")
+    if args.out_dir:
+        paths = save_each(images, args.out_dir, seeds)
+        print(f"wrote {len(paths)} PNGs to {args.out_dir}")
+    print(stats.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

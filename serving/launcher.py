@@ -1,0 +1,301 @@
+"""``kaem-serve``: run the real Triton 2.51 server (from nvidia-pytriton) on this CPU machine,
+serving the production model repository unchanged through the Python-based onnxruntime shim.
+
+Python API: :class:`LocalTriton` (a context manager used by tests, demo and benchmarks) and
+:func:`free_ports`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from export.triton_config import DEFAULT_MODEL_FILENAME, ConfigError, parse_config
+from serving.triton_env import TritonNotInstalled, build_backend_dir, cache_dir, server_env, triton_install
+
+SUMMARY_METRICS_ARGS = ("--metrics-config=summary_latencies=true",
+                        "--metrics-config=summary_quantiles=0.5:0.05,0.9:0.01,0.99:0.001")
+_ERROR_LINE = re.compile(r"^E\d{4} |UNAVAILABLE|failed to load|error:|Error:", re.IGNORECASE)
+
+
+class LaunchError(RuntimeError):
+    """The server cannot start or did not become ready; the message says why."""
+
+
+def free_ports(n: int = 3, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports that were free a moment ago (for tests; another process may still race)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def check_ports(host: str, ports: dict[str, int]) -> None:
+    """Raise :class:`LaunchError` naming the first port someone else listens on."""
+    for label, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # Like the server itself: TIME_WAIT leftovers do not block, a live listener does.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as err:
+                flag = f"--{label.lower()}-port"
+                raise LaunchError(
+                    f"{label} port {port} on {host} is already in use ({err.strerror}): stop the other"
+                    f" server (another kaem-serve?) or choose a free port with {flag}"
+                ) from None
+
+
+def _served_versions(model_dir: Path, policy) -> list[Path]:
+    versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    which = policy.WhichOneof("policy_choice") if policy is not None else None
+    if which == "all":
+        return versions
+    if which == "specific":
+        return [p for p in versions if int(p.name) in set(policy.specific.versions)]
+    n = policy.latest.num_versions if which == "latest" else 1
+    return versions[-max(1, n):]
+
+
+def check_repository(repo: str | Path) -> list[str]:
+    """Names of the models in ``repo``; raise :class:`LaunchError` when it is missing or empty, a
+    config does not parse, or a served version folder lacks its model file."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise LaunchError(f"model repository {repo} does not exist: export a model first"
+                          " (python export/to_onnx.py ...) or pass --model-repository")
+    models = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not models:
+        raise LaunchError(f"model repository {repo} is empty: it needs <model>/config.pbtxt and <model>/1/model.onnx")
+    for model_dir in models:
+        config = model_dir / "config.pbtxt"
+        if not config.is_file():
+            raise LaunchError(f"{model_dir} has no config.pbtxt (every folder in the repository is a model)")
+        try:
+            cfg = parse_config(config.read_text())
+        except ConfigError as err:
+            raise LaunchError(f"{config}: {err}") from None
+        onnx = cfg.backend == "onnxruntime" or cfg.platform == "onnxruntime_onnx"
+        filename = cfg.default_model_filename or (DEFAULT_MODEL_FILENAME if onnx else "")
+        versions = _served_versions(model_dir, cfg.version_policy if cfg.HasField("version_policy") else None)
+        if not versions:
+            raise LaunchError(f"model {model_dir.name!r} has no numbered version folder in {model_dir}:"
+                              " export the model first (python export/to_onnx.py ...)")
+        for v in versions:
+            if filename and not (v / filename).is_file():
+                raise LaunchError(f"model {model_dir.name!r} version {v.name} has no {filename} ({v}):"
+                                  " export the model first (python export/to_onnx.py ...)")
+    return [m.name for m in models]
+
+
+# Resolved once in the parent: between fork and exec the child only makes this one foreign call.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    # The server gets SIGTERM if the launching thread dies (even by SIGKILL), so crashed tests never
+    # leave servers holding ports. Call start() from a long-lived thread.
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class LocalTriton:
+    """A local tritonserver process on loopback; ``with LocalTriton(repo, ...) as server:``.
+
+    Ports are TCP ports; URLs are ``host:port`` as tritonclient and ``kaem-metrics`` take them."""
+
+    def __init__(self, model_repository: str | Path = "model_repository", grpc_port: int = 8001,
+                 http_port: int = 8000, metrics_port: int = 8002, host: str = "127.0.0.1",
+                 log_file: str | Path | None = None, backend_dir: str | Path | None = None,
+                 startup_timeout_s: float = 120.0, extra_args: Sequence[str] = ()) -> None:
+        self.model_repository = Path(model_repository).resolve()
+        self.host, self.grpc_port, self.http_port, self.metrics_port = host, grpc_port, http_port, metrics_port
+        self.log_file = Path(log_file) if log_file else cache_dir() / "logs" / f"tritonserver-{grpc_port}.log"
+        self.backend_dir = Path(backend_dir) if backend_dir else None
+        self.startup_timeout_s = startup_timeout_s
+        self.extra_args = list(extra_args)
+        self.models: list[str] = []
+        self.process: subprocess.Popen | None = None
+
+    def _url(self, port: int) -> str:
+        return f"{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return self._url(self.grpc_port)
+
+    @property
+    def http_url(self) -> str:
+        return self._url(self.http_port)
+
+    @property
+    def metrics_url(self) -> str:
+        return self._url(self.metrics_port)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def command(self) -> list[str]:
+        inst = triton_install()
+        return [
+            str(inst.binary), f"--model-repository={self.model_repository}",
+            f"--backend-directory={self.backend_dir}", f"--cache-directory={inst.caches}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--exit-timeout-secs=5",
+            # serve exactly the config on disk (the production image does the same)
+            "--disable-auto-complete-config", *SUMMARY_METRICS_ARGS, *self.extra_args,
+        ]
+
+    def start(self) -> LocalTriton:
+        """Check repository and ports, start the server, wait until it and its models are ready."""
+        if self.running:
+            return self
+        try:
+            self.models = check_repository(self.model_repository)
+            check_ports(self.host, {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port})
+            self.backend_dir = self.backend_dir or build_backend_dir()
+        except TritonNotInstalled as err:
+            raise LaunchError(str(err)) from None
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=server_env(), start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        try:
+            self.wait_ready(self.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Poll ``/v2/health/ready`` (strict readiness: every model loaded) until ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise LaunchError(f"tritonserver exited during startup (exit code {self.process.returncode})."
+                                  f" From {self.log_file}:\n{self.log_excerpt()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise LaunchError(f"tritonserver was not ready after {timeout_s:.0f} s. From {self.log_file}:\n"
+                          f"{self.log_excerpt()}")
+
+    def log_excerpt(self, max_lines: int = 20) -> str:
+        """Error lines of the server log (model load failures, bad configs), else its tail."""
+        try:
+            lines = self.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return "  (no log)"
+        errors = [ln for ln in lines if _ERROR_LINE.search(ln) and "CudaDriverHelper" not in ln]
+        # the Python backend appends the stub's Python stack ("\n\nAt:\n ...") to each message
+        return "\n".join("  " + ln.split("\\n\\nAt:")[0] for ln in (errors or lines)[-max_lines:])
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        """SIGTERM, wait (the server drains for up to 5 s), SIGKILL as a last resort; exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> LocalTriton:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kaem-serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-repository", default="model_repository", help="Triton model repository folder")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
+    p.add_argument("--log-file", default=None, help="server log (default: .cache/logs/tritonserver-<grpc port>.log)")
+    p.add_argument("--backend-dir", default=None, help="prebuilt backend directory (default: built in .cache)")
+    p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    p.add_argument("--dry-run", action="store_true", help="check the repository, print the server command, exit")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    server = LocalTriton(args.model_repository, grpc_port=args.grpc_port, http_port=args.http_port,
+                         metrics_port=args.metrics_port, host=args.host, log_file=args.log_file,
+                         backend_dir=args.backend_dir, startup_timeout_s=args.startup_timeout)
+    if args.dry_run:
+        try:
+            models = check_repository(server.model_repository)
+            server.backend_dir = server.backend_dir or build_backend_dir()
+            print(f"models: {', '.join(models)}\ncommand: {' '.join(server.command())}")
+        except (LaunchError, TritonNotInstalled) as err:
+            print(f"kaem-serve: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        server.start()
+        print(f"kaem-serve: Triton ready with models {', '.join(server.models)} from {server.model_repository}\n"
+              f"  gRPC {server.grpc_url}   HTTP {server.http_url}   metrics http://{server.metrics_url}/metrics\n"
+              f"  log {server.log_file}   (Ctrl-C to stop)", flush=True)
+        rc = server.process.wait()
+        print(f"kaem-serve: tritonserver exited on its own (code {rc}). From {server.log_file}:\n"
+              f"{server.log_excerpt()}", file=sys.stderr)
+        return rc or 1
+    except LaunchError as err:
+        print(f"kaem-serve: error: {err}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, _Stop):
+        print("kaem-serve: stopping", file=sys.stderr)
+        return 0
+    finally:
+        was_running = server.running
+        rc = server.stop()
+        signal.signal(signal.SIGTERM, previous)
+        if was_running and rc not in (0, -signal.SIGTERM):
+            print(f"kaem-serve: tritonserver stopped with code {rc}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

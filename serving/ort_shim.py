@@ -1,0 +1,133 @@
+"""Python-based ``onnxruntime`` backend for the local (CPU, no Docker) Triton server: the launcher
+copies this file to ``<backend dir>/onnxruntime/model.py`` so configs saying
+``backend: "onnxruntime"`` load unchanged; the NGC image uses its native backend instead.
+
+Triton hands ``execute`` every request of one dynamic batch: they are validated, concatenated,
+run through onnxruntime once, and split back, each request getting only the outputs it asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+try:  # only importable inside the Triton Python-backend stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported by tests / linters
+    pb_utils = None
+
+_NP_DTYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np.float64,
+              "TYPE_UINT8": np.uint8, "TYPE_INT8": np.int8, "TYPE_INT32": np.int32,
+              "TYPE_INT64": np.int64, "TYPE_BOOL": np.bool_}
+
+
+def check_input(name: str, array: np.ndarray | None, dtype: np.dtype, dims: Sequence[int]) -> str | None:
+    """Why ``array`` is not a valid batch for input ``name`` (``None`` when it is)."""
+    if array is None:
+        return f"input {name!r} is missing"
+    if array.dtype != dtype:
+        return f"input {name!r} must be {np.dtype(dtype).name}, got {array.dtype.name}"
+    want = tuple(dims)
+    if array.ndim != len(want) + 1 or any(w != -1 and w != g for w, g in zip(want, array.shape[1:], strict=True)):
+        return f"input {name!r} must have shape [batch, {', '.join(map(str, want))}], got {list(array.shape)}"
+    if array.shape[0] < 1:
+        return f"input {name!r} has an empty batch"
+    return None
+
+
+def run_merged(
+    session, inputs: list[dict[str, np.ndarray]], output_names: Sequence[str]
+) -> list[dict[str, np.ndarray]]:
+    """Run several requests' inputs as one batch and split every output back per request."""
+    sizes = [next(iter(x.values())).shape[0] for x in inputs]
+    feed = {k: np.concatenate([x[k] for x in inputs]) if len(inputs) > 1 else inputs[0][k] for k in inputs[0]}
+    outs = session.run(list(output_names), feed)
+    bounds = np.cumsum(sizes)[:-1]
+    parts = [np.split(o, bounds) for o in outs]
+    return [{n: np.ascontiguousarray(p[i]) for n, p in zip(output_names, parts, strict=True)}
+            for i in range(len(sizes))]
+
+
+class TritonPythonModel:
+    """onnxruntime (CPU) behind Triton's Python backend; one session per model instance."""
+
+    def initialize(self, args: dict) -> None:
+        import onnxruntime as ort
+
+        cfg = json.loads(args["model_config"])
+        filename = cfg.get("default_model_filename") or "model.onnx"
+        path = os.path.join(args["model_repository"], args["model_version"], filename)
+        if not os.path.isfile(path):
+            raise pb_utils.TritonModelException(f"no ONNX file at {path}: export the model first")
+        opts = ort.SessionOptions()
+        # Tuning knobs (server environment): intra-op threads (0: onnxruntime decides) and whether
+        # idle worker threads spin; they must not spin by default, since locally the server shares
+        # a few cores with its clients and busy-waiting threads starve them.
+        opts.intra_op_num_threads = int(os.environ.get("KAEM_ORT_THREADS", "0"))
+        opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("KAEM_ORT_SPIN", "0"))
+        self.session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        self.inputs = {t["name"]: (_NP_DTYPES[t["data_type"]], [int(d) for d in t["dims"]]) for t in cfg["input"]}
+        self.outputs = [t["name"] for t in cfg["output"]]
+        graph_in = {i.name for i in self.session.get_inputs()}
+        graph_out = {o.name for o in self.session.get_outputs()}
+        if set(self.inputs) != graph_in or not set(self.outputs) <= graph_out:
+            raise pb_utils.TritonModelException(
+                f"config tensors (inputs {sorted(self.inputs)}, outputs {self.outputs}) do not match"
+                f" {path} (inputs {sorted(graph_in)}, outputs {sorted(graph_out)})"
+            )
+        self._warm_up(max(1, int(cfg.get("max_batch_size", 1))))
+
+    def _warm_up(self, max_batch: int) -> None:
+        # onnxruntime's first run at a new batch size allocates and plans (tens of ms): pay for the
+        # smallest and the largest batch at load time instead of on the first requests.
+        if all(d > 0 for _, dims in self.inputs.values() for d in dims):
+            for batch in sorted({1, max_batch}):
+                feed = {n: np.full((batch, *dims), 0.5, dtype=dt) for n, (dt, dims) in self.inputs.items()}
+                self.session.run(self.outputs, feed)
+
+    def _read(self, request) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        feed = {}
+        for name, (dtype, dims) in self.inputs.items():
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            array = None if tensor is None else tensor.as_numpy()
+            err = check_input(name, array, dtype, dims)
+            if err:
+                return None, err
+            feed[name] = array
+        sizes = {a.shape[0] for a in feed.values()}
+        if len(sizes) != 1:
+            return None, f"inputs disagree on the batch size: {sorted(sizes)}"
+        return feed, None
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        good, feeds, wanted = [], [], []
+        for i, request in enumerate(requests):
+            feed, err = self._read(request)
+            if err:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(err))
+                continue
+            names = [n for n in request.requested_output_names() if n in self.outputs] or self.outputs
+            good.append(i)
+            feeds.append(feed)
+            wanted.append(names)
+        if good:
+            union = [n for n in self.outputs if any(n in w for w in wanted)]
+            try:
+                results = run_merged(self.session, feeds, union)
+            except Exception as err:  # noqa: BLE001 - any onnxruntime failure becomes a request error
+                results = None
+                message = f"onnxruntime failed on a batch of {len(good)} requests: {err}"
+            for k, i in enumerate(good):
+                if results is None:
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+                else:
+                    tensors = [pb_utils.Tensor(n, results[k][n]) for n in wanted[k]]
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+        return responses
+
+    def finalize(self) -> None:
+        self.session = None

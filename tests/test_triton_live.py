@@ -1,0 +1,245 @@
+"""The real Triton 2.51 server (nvidia-pytriton binary + onnxruntime shim) on the toy repository:
+parity with in-process onnxruntime, dynamic batching, errors, metrics, the client's contract check,
+kaem-serve's messages, a short perf_analyzer sweep and the benchmark's quick mode.
+
+One server per module (starting one takes seconds); tests that need another start their own."""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from serving_fixtures import (
+    TOY_CONTRACT,
+    TOY_MAX_BATCH,
+    TOY_MODEL,
+    build_toy_repository,
+    reference_images,
+    write_toy_model,
+    wrong_contract_config,
+)
+from tritonclient.utils import InferenceServerException
+
+from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, U_EPS, ContractError
+from serving import client, launcher, loadtest, metrics
+from serving.launcher import LaunchError, LocalTriton, check_ports, free_ports
+from serving.triton_env import LOCAL_TRITON_VERSION
+
+pytestmark = pytest.mark.triton
+
+ROOT = Path(__file__).resolve().parent.parent
+WRONG = "kaem_wrong_contract"
+D = TOY_CONTRACT.u_dim
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = build_toy_repository(tmp_path_factory.mktemp("live"))
+    write_toy_model(repo / WRONG, config_text=wrong_contract_config(WRONG))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repo, tmp_path_factory):
+    grpc_port, http_port, metrics_port = free_ports(3)
+    log = tmp_path_factory.mktemp("log") / "tritonserver.log"
+    with LocalTriton(repo, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
+                     log_file=log) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def grpc(server):
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    yield c
+    c.close()
+
+
+def _infer(c: grpcclient.InferenceServerClient, u: np.ndarray, model: str = TOY_MODEL, dtype: str = "FP32",
+           outputs: tuple[str, ...] = (OUTPUT_IMAGES, OUTPUT_MEAN)):
+    inp = grpcclient.InferInput(INPUT_U, list(u.shape), dtype)
+    inp.set_data_from_numpy(u)
+    return c.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput(n) for n in outputs])
+
+
+def _sanitized(u: np.ndarray) -> np.ndarray:
+    return np.clip(np.where(np.isnan(u), 0.5, u), U_EPS, 1 - U_EPS).astype(np.float32)
+
+
+def test_server_is_the_local_release(grpc):
+    assert grpc.get_server_metadata().version == LOCAL_TRITON_VERSION
+
+
+def test_images_equal_in_process_onnxruntime(server, repo):
+    seeds = list(range(100, 137))  # 37 images: 3 requests of <= 16 rows, the last one partial
+    images, stats = client.generate_images(server.grpc_url, TOY_MODEL, seeds, batch_size=16, concurrency=2)
+    ref = reference_images(repo / TOY_MODEL / "1" / "model.onnx", client.seeds_to_u(seeds, TOY_CONTRACT))
+    assert images.dtype == np.uint8 and images.shape == (37, 12, 12, 1)
+    assert np.array_equal(images, ref[OUTPUT_IMAGES])
+    assert stats.requests == 3 and stats.images == 37 and stats.latency_quantile(0.5) > 0
+    assert images.std() > 10  # not a constant image
+
+
+def test_only_the_requested_output_comes_back(grpc):
+    result = _infer(grpc, client.seeds_to_u([1, 2], TOY_CONTRACT), outputs=(OUTPUT_IMAGES,))
+    assert result.as_numpy(OUTPUT_IMAGES).shape == (2, 12, 12, 1) and result.as_numpy(OUTPUT_MEAN) is None
+
+
+def test_nan_and_out_of_range_u_give_valid_images(grpc, repo):
+    u = client.seeds_to_u(range(6), TOY_CONTRACT)
+    u[0, 0], u[1, :] = np.nan, np.nan
+    u[2, 1], u[3, 2], u[4, 3], u[5, D - 1] = -3.0, 7.0, np.inf, -np.inf
+    result = _infer(grpc, u)
+    mean = result.as_numpy(OUTPUT_MEAN)
+    assert np.isfinite(mean).all() and mean.min() >= 0 and mean.max() <= 1
+    ref = reference_images(repo / TOY_MODEL / "1" / "model.onnx", _sanitized(u))
+    assert np.array_equal(result.as_numpy(OUTPUT_IMAGES), ref[OUTPUT_IMAGES])
+
+
+def test_dynamic_batching_merges_concurrent_requests(server):
+    before = metrics.read_settled(server.metrics_url, TOY_MODEL)
+    images, _ = client.generate_images(server.grpc_url, TOY_MODEL, list(range(256)), batch_size=1, concurrency=16)
+    window = metrics.delta(metrics.read_settled(server.metrics_url, TOY_MODEL), before)[TOY_MODEL]["1"]
+    assert images.shape[0] == 256 and window["success"] == 256 and window["inference_count"] == 256
+    assert window["exec_count"] < 256 and window["avg_batch_size"] > 1.0
+
+
+@pytest.mark.parametrize("case, message", [
+    ("shape", f"Expected [-1,{D}], got [2,{D - 1}]"), ("dtype", "data-type is 'FP64', but model 'kaem_toy' expects"),
+    ("batch", f"batch-size must be <= {TOY_MAX_BATCH}"), ("model", "unknown_model")])
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(grpc, case, message):
+    u = {"shape": np.full((2, D - 1), 0.5, np.float32), "dtype": np.full((2, D), 0.5),
+         "batch": np.full((TOY_MAX_BATCH + 1, D), 0.5, np.float32), "model": np.full((1, D), 0.5, np.float32)}[case]
+    with pytest.raises(InferenceServerException) as err:
+        _infer(grpc, u, model="unknown_model" if case == "model" else TOY_MODEL,
+               dtype="FP64" if case == "dtype" else "FP32")
+    assert message in err.value.message()
+    assert _infer(grpc, np.full((3, D), 0.5, np.float32)).as_numpy(OUTPUT_IMAGES).shape == (3, 12, 12, 1)
+
+
+def test_metrics_count_requests_and_rows(server, grpc, capsys):
+    before = metrics.read_settled(server.metrics_url)
+    for n in (1, 5, 10):
+        _infer(grpc, client.seeds_to_u(range(n), TOY_CONTRACT))
+    after = metrics.read_settled(server.metrics_url)
+    window = metrics.delta(after, before)[TOY_MODEL]["1"]
+    assert (window["success"], window["inference_count"], window["failed"]) == (3, 16, 0)
+    s = after[TOY_MODEL]["1"]
+    assert s["p50_us"] > 0 and s["p99_us"] >= s["p50_us"] and s["avg_compute_us"] > 0
+    assert metrics.main(["--url", server.metrics_url, "--model", TOY_MODEL]) == 0
+    out = capsys.readouterr().out
+    assert TOY_MODEL in out and WRONG not in out and "avg batch" in out
+
+
+def test_client_refuses_a_mismatched_contract(server, capsys):
+    with pytest.raises(ContractError, match=f"refusing model '{WRONG}'.*kaem-serve-contract-v0"):
+        client.generate_images(server.grpc_url, WRONG, [0])
+    assert client.main(["--url", server.grpc_url, "--model", WRONG, "--seeds", "0-3"]) == 2
+    err = capsys.readouterr().err
+    assert "kaem-generate: error: refusing model" in err and "Traceback" not in err
+
+
+def test_generate_cli_writes_grid_and_per_seed_pngs(server, tmp_path, capsys):
+    out, out_dir = tmp_path / "grid.png", tmp_path / "each"
+    argv = ["--url", server.grpc_url, "--model", TOY_MODEL, "--seeds", "3-7,42", "--out", str(out),
+            "--out-dir", str(out_dir), "--concurrency", "2", "--batch-size", "4"]
+    assert client.main(argv) == 0
+    assert "images/s" in capsys.readouterr().out
+    images, _ = client.generate_images(server.grpc_url, TOY_MODEL, [3, 4, 5, 6, 7, 42])
+    assert np.array_equal(np.asarray(Image.open(out_dir / "seed000042.png")), images[-1, :, :, 0])
+    assert Image.open(out).size[0] >= 96 * 3  # 3 columns of upscaled 12-pixel images
+
+
+def _kaem_serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving.launcher", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_kaem_serve_says_when_the_port_is_taken(server, repo):
+    done = _kaem_serve("--model-repository", str(repo), "--grpc-port", str(server.grpc_port),
+                       "--http-port", str(free_ports(1)[0]), "--metrics-port", str(free_ports(1)[0]))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"gRPC port {server.grpc_port} on 127.0.0.1 is already in use" in done.stderr
+    assert "--grpc-port" in done.stderr
+
+
+def test_kaem_serve_says_when_the_repository_is_empty_or_unexported(tmp_path, capsys):
+    # in-process main(): a return code instead of an exception proves there was no traceback
+    (tmp_path / "empty").mkdir()
+    assert launcher.main(["--model-repository", str(tmp_path / "empty")]) == 2
+    assert "kaem-serve: error: model repository" in (err := capsys.readouterr().err) and "is empty" in err
+    assert launcher.main(["--model-repository", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    model = build_toy_repository(tmp_path / "noonnx") / TOY_MODEL
+    (model / "1" / "model.onnx").unlink()
+    assert launcher.main(["--model-repository", str(model.parent)]) == 2
+    err = capsys.readouterr().err
+    assert "version 1 has no model.onnx" in err and "export the model first" in err
+
+
+def test_a_model_that_fails_to_load_is_reported_with_log_lines(tmp_path):
+    repo = build_toy_repository(tmp_path)
+    (repo / TOY_MODEL / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    grpc_port, http_port, metrics_port = free_ports(3)
+    with pytest.raises(LaunchError) as err:
+        LocalTriton(repo, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
+                    log_file=tmp_path / "log.txt").start()
+    text = str(err.value)
+    assert "exited during startup" in text and TOY_MODEL in text and "UNAVAILABLE" in text
+
+
+def test_kaem_serve_runs_until_sigterm_and_stops_cleanly(repo, tmp_path):
+    ports = free_ports(3)
+    args = ["--model-repository", str(repo), "--grpc-port", str(ports[0]), "--http-port", str(ports[1]),
+            "--metrics-port", str(ports[2]), "--log-file", str(tmp_path / "log.txt")]
+    proc = subprocess.Popen([sys.executable, "-m", "serving.launcher", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = proc.stdout.readline()  # blocks until ready (or exit)
+        assert "Triton ready with models" in line, proc.stderr.read() if proc.poll() is not None else line
+        images, _ = client.generate_images(f"127.0.0.1:{ports[0]}", TOY_MODEL, [0, 1])
+        assert images.shape == (2, 12, 12, 1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0 and "stopping" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.2)
+    check_ports("127.0.0.1", {"gRPC": ports[0], "HTTP": ports[1], "metrics": ports[2]})
+
+
+def test_loadtest_short_sweep_completes(server, tmp_path, capsys):
+    try:
+        loadtest.ensure_perf_analyzer()
+    except loadtest.LoadTestError as err:  # offline machine: say so instead of failing on the network
+        pytest.skip(f"perf_analyzer unavailable: {err}")
+    argv = ["--url", server.grpc_url, "--metrics-url", server.metrics_url, "--model", TOY_MODEL,
+            "--concurrency", "1,8", "--measurement-interval", "400", "--stability", "100", "--max-trials", "4",
+            "--out-dir", str(tmp_path)]
+    assert loadtest.main(argv) == 0, capsys.readouterr().err
+    rows = (tmp_path / "loadtest.csv").read_text().splitlines()
+    assert rows[0].startswith("concurrency,batch_size,infer_per_s") and len(rows) == 3
+    c8 = dict(zip(rows[0].split(","), rows[2].split(","), strict=True))
+    assert float(c8["infer_per_s"]) > 0 and float(c8["server_avg_batch"]) >= 1 and float(c8["server_failed"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| 8 |" in report and "server avg batch" in report
+
+
+def test_benchmark_quick_mode(server, repo):
+    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "benchmarks" / "serving.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    onnx_path = bench.latest_onnx(repo, TOY_MODEL)
+    r = bench.run_benchmark(server.grpc_url, server.metrics_url, TOY_MODEL, onnx_path, quick=True)
+    assert all(r[k] > 0 for k in ("ort_b64", "triton_b64", "triton_b1_c1", "triton_b1_c16"))
+    assert r["server_batch_c1"] == pytest.approx(1.0) and r["server_batch_c16"] >= 1.0
+    assert "x" in bench.format_results(r, TOY_MODEL)
+

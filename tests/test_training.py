@@ -114,10 +114,10 @@ def test_cli_train_then_sample_and_plot(tmp_path: Path) -> None:
 def test_ddp_two_ranks_stay_in_sync(tmp_path: Path) -> None:
     """torchrun with 2 gloo processes on the same code; the loop verifies replicas before saving."""
     out = tmp_path / "ddp"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port=0", "-m", "training.train",
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "training.train",
            "--preset", "digits", "--steps", "12", "--out", str(out), "--no-progress", "--samples", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ranks in sync: 2 replicas identical" in r.stderr
     ck = load_checkpoint(out)

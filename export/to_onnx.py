@@ -121,9 +121,8 @@ def ort_session(path: Path):  # -> onnxruntime.InferenceSession
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def check_parity(model: KAEM, path: Path, batch_sizes: tuple[int, ...] = (1, 64)) -> tuple[float, int]:
-    """onnxruntime vs PyTorch eager on the same uniforms (edge values and NaN included)."""
-    sess = ort_session(path)
+def check_parity(model: KAEM, sess, batch_sizes: tuple[int, ...] = (1, 64)) -> tuple[float, int]:
+    """onnxruntime session vs PyTorch eager on the same uniforms (edge values and NaN included)."""
     gen = ServedGenerator(model).eval()
     worst_mean, worst_px = 0.0, 0
     for b in batch_sizes:
@@ -145,8 +144,7 @@ def check_parity(model: KAEM, path: Path, batch_sizes: tuple[int, ...] = (1, 64)
     return worst_mean, worst_px
 
 
-def ort_ms_per_image(path: Path, u_dim: int, batch: int = 64, reps: int = 5) -> float:
-    sess = ort_session(path)
+def ort_ms_per_image(sess, u_dim: int, batch: int = 64, reps: int = 5) -> float:
     u = np.random.default_rng(0).random((batch, u_dim), dtype=np.float32)
     sess.run([OUTPUT_IMAGES], {INPUT_U: u})
     t0 = time.perf_counter()
@@ -195,8 +193,9 @@ def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "mo
         path = Path(tmp) / "model.onnx"
         proto = export_graph(model, path, opset, {"kaem.checkpoint_step": str(ckpt["step"])})
         ops = check_graph(proto, contract)
-        mean_diff, px_diff = check_parity(model, path)
-        ms = ort_ms_per_image(path, contract.u_dim)
+        sess = ort_session(path)
+        mean_diff, px_diff = check_parity(model, sess)
+        ms = ort_ms_per_image(sess, contract.u_dim)
         size = path.stat().st_size
         config = render_config(model_name, contract, max_batch_size=max_batch_size)
         model_dir = Path(model_repository) / model_name

@@ -24,7 +24,8 @@ from tritonclient.utils import InferenceServerException
 from export.contract import DEFAULT_MODEL_NAME, INPUT_U, OUTPUT_IMAGES, ContractError, ModelContract
 from export.triton_config import contract_from_config
 from serving.metrics import histogram_quantile
-from training.uniforms import parse_seeds, truncate, uniforms_for_seeds
+from training import uniforms
+from training.uniforms import parse_seeds
 
 # Request latency buckets in seconds: 0.25 ms .. ~46 s, x sqrt(2) per bucket (quantile estimates
 # interpolate inside one bucket, so their error is bounded by its width).
@@ -105,8 +106,7 @@ def connect(url: str, model: str, timeout_s: float = 10.0) -> tuple[grpcclient.I
 
 def seeds_to_u(seeds: Sequence[int], contract: ModelContract, truncation: float = 1.0) -> np.ndarray:
     """Uniforms ``[N, D]`` for image seeds, with the truncation trick on the ITS columns only."""
-    u = uniforms_for_seeds(seeds, contract.u_dim)
-    return truncate(u, truncation, contract.its_start) if truncation != 1.0 else u
+    return uniforms.seeds_to_u(seeds, contract.u_dim, contract.its_start, truncation)
 
 
 def _infer(client: grpcclient.InferenceServerClient, model: str, u: np.ndarray, timeout_s: float) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 from export.contract import DEFAULT_MODEL_NAME
 from export.to_onnx import export_checkpoint
 from serving.client import generate_images
-from serving.launcher import LocalTriton, free_ports
+from serving.launcher import LaunchError, LocalTriton, check_ports, free_ports
 from serving.metrics import format_report, read_settled
 from training.checkpoint import load_model
 from training.images import save_grid
@@ -25,17 +25,13 @@ DEFAULT_CHECKPOINT = Path("checkpoints/kaem_fmnist.pt")
 
 def _ports() -> tuple[int, int, int]:
     """Triton's usual ports when free, otherwise free ones (said out loud)."""
-    import socket
-
-    def free(port: int) -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) != 0
-
-    if all(free(p) for p in (8001, 8000, 8002)):
+    try:
+        check_ports("127.0.0.1", {"gRPC": 8001, "HTTP": 8000, "metrics": 8002})
         return 8001, 8000, 8002
-    g, h, m = free_ports(3)
-    print(f"ports 8000-8002 are busy: using grpc {g}, http {h}, metrics {m}")
-    return g, h, m
+    except LaunchError:
+        g, h, m = free_ports(3)
+        print(f"ports 8000-8002 are busy: using grpc {g}, http {h}, metrics {m}")
+        return g, h, m
 
 
 def ensure_checkpoint(path: Path) -> Path:

@@ -11,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training import uniforms
 from training.checkpoint import CheckpointError, load_model
 from training.cli import UserError, resolve_device, user_errors
 from training.images import save_each, save_grid, to_uint8_nhwc
 from training.model import KAEM
-from training.uniforms import parse_seeds, truncate, u_layout, uniforms_for_seeds
+from training.uniforms import parse_seeds
 
 
 def seeds_to_u(model: KAEM, seeds: Iterable[int], truncation: float = 1.0) -> np.ndarray:
     """The model's ``u[N, D]`` for these seeds, with truncation applied to the ITS uniforms only."""
     p = model.cfg.prior
-    dim, its_start = u_layout(p.kind, p.P, p.Q)
-    return truncate(uniforms_for_seeds(list(seeds), dim), truncation, its_start)
+    return uniforms.seeds_to_u(list(seeds), *uniforms.u_layout(p.kind, p.P, p.Q), truncation)
 
 
 @torch.no_grad()

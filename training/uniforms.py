@@ -90,13 +90,21 @@ def u_layout(prior_kind: str, P: int, Q: int) -> tuple[int, int]:
 
 
 def truncate(u: np.ndarray, truncation: float, its_start: int) -> np.ndarray:
-    """Truncation trick on the ITS uniforms only: ``u' = 0.5 + T (u - 0.5)``; T = 1 is off.
+    """Truncation trick on the ITS uniforms only: ``u' = 0.5 + T (u - 0.5)``; T = 1 is off (u is
+    returned bit for bit: float32 ``(u - 0.5) + 0.5`` would drop low bits of small u).
     Component-selection uniforms (columns before ``its_start``) are never touched."""
     if not 0.0 < truncation <= 1.0:
         raise ValueError(f"truncation must be in (0, 1], got {truncation}")
     out = np.array(u, dtype=np.float32, copy=True)
-    out[..., its_start:] = (0.5 + truncation * (out[..., its_start:] - 0.5)).astype(np.float32)
+    if truncation != 1.0:
+        its = out[..., its_start:].astype(np.float64)
+        out[..., its_start:] = (0.5 + truncation * (its - 0.5)).astype(np.float32)
     return out
+
+
+def seeds_to_u(seeds: Sequence[int], dim: int, its_start: int, truncation: float = 1.0) -> np.ndarray:
+    """The served ``u[N, dim]`` for image seeds, truncation applied to the ITS columns only."""
+    return truncate(uniforms_for_seeds(seeds, dim), truncation, its_start)
 
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")

@@ -14,7 +14,8 @@ MODULES = {
     "torch": "torch", "torchvision": "torchvision", "numpy": "numpy", "tqdm": "tqdm", "matplotlib": "matplotlib",
     "pillow": "PIL", "scikit-learn": "sklearn", "onnx": "onnx", "onnxscript": "onnxscript",
     "onnxruntime": "onnxruntime", "nvidia-pytriton": "pytriton", "tritonclient": "tritonclient.grpc",
-    "prometheus-client": "prometheus_client", "pytest": "pytest", "ruff": "ruff",
+    "prometheus-client": "prometheus_client", "pytest": "pytest", "ruff": "ruff", "torchmetrics": "torchmetrics",
+    "torch-fidelity": "torch_fidelity",
 }
 
 

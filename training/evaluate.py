@@ -1,0 +1,243 @@
+"""``kaem-eval``: sample quality of a generator against a dataset's test split, in the feature space of a
+frozen classifier (FD-clf, KID-clf, precision/recall) and, given the weight file, Inception (FID, KID)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training import metrics
+from training.checkpoint import CheckpointError, load_model
+from training.cli import UserError, resolve_device, user_errors
+from training.data import DataError, image_shape, load_dataset
+from training.features import classifier_features, describe, load_feature_net
+from training.model import KAEM
+
+Generate = Callable[[int], np.ndarray]  # n -> uint8 images [n, H, W, C]
+
+
+def default_features_path(dataset: str) -> Path:
+    return Path("features") / f"{dataset}.pt"
+
+
+def real_images(dataset: str, n: int, root: str | Path | None = None, seed: int = 0,
+                batch: int = 1024) -> np.ndarray:
+    """uint8 ``[min(n, N_test), H, W, C]`` test images: all of them, or a seeded random subset in index order."""
+    from training.images import to_uint8_nhwc
+    from training.train import fetch
+
+    data = load_dataset(dataset, root, "test")
+    total = len(data)  # type: ignore[arg-type]
+    idx = np.arange(total) if n >= total else np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+    chunks = [to_uint8_nhwc(fetch(data, idx[i : i + batch].tolist(), torch.device("cpu")))
+              for i in range(0, len(idx), batch)]
+    return torch.cat(chunks).numpy()
+
+
+def _check_images(images: np.ndarray, n: int, dataset: str) -> np.ndarray:
+    c, h, w = image_shape(dataset)
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.shape != (n, h, w, c):
+        raise ValueError(f"generate({n}) must return uint8 images {(n, h, w, c)} for {dataset}, "
+                         f"got {images.dtype} {images.shape}")
+    return images
+
+
+def _feature_metrics(real: np.ndarray, fake: np.ndarray, suffix: str, kid_subsets: int, kid_size: int, seed: int,
+                     pr: bool) -> dict[str, float]:
+    """fd/kid (and precision/recall) between two feature sets; keys end in ``suffix`` ("_clf" or "")."""
+    kid_mean, kid_std = metrics.kid(real, fake, kid_subsets, kid_size, seed)
+    fd_key = "fd_clf" if suffix == "_clf" else "fid"  # only Inception features earn the name FID
+    out = {fd_key: metrics.frechet_distance(real, fake), f"kid{suffix}": kid_mean, f"kid{suffix}_std": kid_std}
+    if pr:
+        out[f"precision{suffix}"], out[f"recall{suffix}"] = metrics.precision_recall(real, fake)
+    return out
+
+
+def _inf_subsets(kid_subsets: int) -> int:
+    """KID subsets per point of the ∞ fit: a tenth of ``kid_subsets``, at least 10 (or all, if fewer)."""
+    return min(kid_subsets, max(10, kid_subsets // 10))
+
+
+def _infinity(real: np.ndarray, fake: np.ndarray, suffix: str, ns: Sequence[int], kid_subsets: int, kid_size: int,
+              seed: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """FD and KID on random n-subsets of the generated features, extrapolated to n = ∞ (fit in 1/n).
+
+    KID is unbiased, so its ∞ value is a consistency check; it uses a tenth of the subsets per point."""
+    fd_key = "fd_clf" if suffix == "_clf" else "fid"
+    fd_inf, fd_curve = metrics.metric_at_infinity(metrics.frechet_distance, real, fake, ns, seed)
+    kid_at = lambda r, f: metrics.kid(r, f, _inf_subsets(kid_subsets), kid_size, seed)[0]  # noqa: E731
+    kid_inf, kid_curve = metrics.metric_at_infinity(kid_at, real, fake, ns, seed)
+    return ({f"{fd_key}_inf": fd_inf, f"kid{suffix}_inf": kid_inf},
+            {fd_key: fd_curve, f"kid{suffix}": kid_curve})
+
+
+def evaluate(model: KAEM | None, dataset: str, n: int = 10_000, *, generate: Generate | None = None,
+             data_root: str | Path | None = None, features: str | Path | None = None,
+             inception_weights: str | Path | None = None, infinity: bool = False,
+             infinity_ns: Sequence[int] | None = None, batch: int = 256, device: str | torch.device = "cpu",
+             seed: int = 0, kid_subsets: int = 100, kid_subset_size: int = 1000,
+             progress: bool = True) -> dict[str, Any]:
+    """Metrics of ``n`` generated images against up to ``n`` test images of ``dataset``; a flat JSON-able dict.
+
+    ``generate(n)`` returns uint8 ``[n, H, W, C]`` (any generator: VAE, latent EBM...); by default the KAEM
+    ``model`` with seeds ``seed .. seed+n-1``. ``features``: classifier file (default features/<dataset>.pt).
+    ``inception_weights``: adds FID/KID. ``infinity``: adds the ∞ versions, fitted over ``infinity_ns``
+    (default :func:`metrics.infinity_ns` of n). ``seed`` also picks the real subset and KID subsets."""
+    from training.sample import sample_images
+
+    if generate is None:
+        if model is None:
+            raise ValueError("pass a model or a generate(n) callable")
+        generate = lambda k: sample_images(model, range(seed, seed + k), batch=batch)  # noqa: E731
+    ns = list(infinity_ns or metrics.infinity_ns(n)) if infinity else []
+    times: dict[str, float] = {}
+
+    # ---- Fail fast: the classifier (and Inception) files before any generation --------------------
+    feat_path = Path(features) if features is not None else default_features_path(dataset)
+    if not feat_path.is_file():
+        raise UserError(f"feature classifier {feat_path} not found: train it once with "
+                        f"`kaem-train-features --dataset {dataset} --out {feat_path}`")
+    net = load_feature_net(feat_path, device)
+    if net.meta["dataset"] != dataset:
+        raise UserError(f"{feat_path} is a {net.meta['dataset']} classifier, but the model is evaluated on {dataset}")
+    inception = metrics.load_inception(inception_weights, device) if inception_weights is not None else None
+
+    # ---- Images: real test split and generated -----------------------------------------------------
+    t0 = time.perf_counter()
+    real = real_images(dataset, n, data_root, seed)
+    times["load_real"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        fake = _check_images(generate(n), n, dataset)
+    times["generate"] = time.perf_counter() - t0
+
+    # ---- Classifier space ------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    f_real = classifier_features(net, real, batch, "classifier features (real)", progress)
+    f_fake = classifier_features(net, fake, batch, "classifier features (generated)", progress)
+    report: dict[str, Any] = _feature_metrics(f_real, f_fake, "_clf", kid_subsets, kid_subset_size, seed, pr=True)
+    curves: dict[str, list[float]] = {}
+    if ns:
+        inf, curve = _infinity(f_real, f_fake, "_clf", ns, kid_subsets, kid_subset_size, seed)
+        report.update(inf)
+        curves.update(curve)
+    times["classifier_metrics"] = time.perf_counter() - t0
+
+    # ---- Inception space (only with the user's weight file) ---------------------------------------------
+    if inception is not None:
+        t0 = time.perf_counter()
+        i_real = metrics.inception_features(real, inception, batch, desc="Inception features (real)", progress=progress)
+        i_fake = metrics.inception_features(fake, inception, batch, desc="Inception features (generated)",
+                                            progress=progress)
+        report.update(_feature_metrics(i_real, i_fake, "", kid_subsets, kid_subset_size, seed, pr=False))
+        if ns:
+            inf, curve = _infinity(i_real, i_fake, "", ns, kid_subsets, kid_subset_size, seed)
+            report.update(inf)
+            curves.update(curve)
+        times["inception_metrics"] = time.perf_counter() - t0
+
+    report.update({
+        "dataset": dataset, "n": n, "n_real": len(real), "generator_seed": seed,
+        "classifier": {"path": str(feat_path), **describe(net)},
+        "inception_weights": str(inception_weights) if inception_weights is not None else None,
+        "kid_subsets": kid_subsets, "kid_subset_size": min(kid_subset_size, len(real), n),
+        "wall_s": {k: round(v, 3) for k, v in times.items()},
+    })
+    if ns:
+        report["infinity"] = {"ns": ns, "kid_subsets": _inf_subsets(kid_subsets), **curves}
+    return report
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> Path:
+    """Atomic write (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def summary(report: dict[str, Any]) -> str:
+    """One line: the headline numbers of a report."""
+    parts = [f"{report['dataset']} n={report['n']}"]
+    if "step" in report:
+        parts.append(f"step={report['step']}")
+    parts.append(f"FD-clf={report['fd_clf']:.3f} KID-clf={report['kid_clf']:.5f}±{report['kid_clf_std']:.5f} "
+                 f"P-clf={report['precision_clf']:.3f} R-clf={report['recall_clf']:.3f}")
+    if "fid" in report:
+        parts.append(f"FID={report['fid']:.3f} KID={report['kid']:.5f}")
+    labels = {"fd_clf_inf": "FD-clf∞", "kid_clf_inf": "KID-clf∞", "fid_inf": "FID∞", "kid_inf": "KID∞"}
+    parts += [f"{label}={report[k]:.5g}" for k, label in labels.items() if k in report]
+    return " ".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kaem-eval",
+        description="Evaluate a checkpoint's samples against its dataset's test split: Fréchet distance, KID and "
+        "precision/recall in a frozen classifier's feature space (FD-clf etc.; not FID, not comparable with "
+        "published FID), plus real FID/KID when you supply the Inception weight file, and their n = ∞ "
+        "extrapolations with --infinity. Writes a JSON report and prints one summary line.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="a ckpt-*.pt file or a run directory (latest checkpoint)")
+    p.add_argument("--n", type=int, default=10_000, help="generated images (and real test images, at most all)")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the project's data/ folder)")
+    p.add_argument("--features", default=None, help="classifier file from kaem-train-features "
+                   "(default: features/<dataset>.pt)")
+    p.add_argument("--inception-weights", default=None,
+                   help=f"local {metrics.INCEPTION_FILE} (pytorch-fid's) to add FID/KID; never downloaded")
+    p.add_argument("--infinity", action="store_true",
+                   help="add FD∞/KID∞: metrics on random subsets n = 1000, 1200, ..., 3000 of the generated "
+                   "images (scaled down for smaller --n) vs all real ones, extrapolated linearly in 1/n")
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subset pairs")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID: images per subset (capped at --n)")
+    p.add_argument("--batch", type=int, default=256, help="images per generation / feature batch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--seed", type=int, default=0, help="first generator seed (seeds seed..seed+n-1); also picks "
+                   "the real subset and KID subsets")
+    p.add_argument("--out", required=True, help="JSON report to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+@user_errors(CheckpointError, DataError, ValueError)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.n < 4:
+        raise UserError(f"--n must be >= 4 (precision/recall use 3 nearest neighbours), got {args.n}")
+    if args.batch < 1 or args.kid_subsets < 1 or args.kid_subset_size < 2:
+        raise UserError("--batch and --kid-subsets must be >= 1, --kid-subset-size >= 2")
+    if args.infinity:
+        metrics.infinity_ns(args.n)  # ValueError (exit 2) when --n is too small for the fit
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    model, ckpt = load_model(args.checkpoint, map_location=device)
+    report = {"checkpoint": ckpt["path"], "step": int(ckpt["step"]), "preset": model.cfg.preset}
+    report.update(evaluate(model, model.cfg.train.dataset, args.n, data_root=args.data_root,
+                           features=args.features, inception_weights=args.inception_weights,
+                           infinity=args.infinity, batch=args.batch, device=device, seed=args.seed,
+                           kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                           progress=not args.no_progress))
+    report["wall_s"]["total"] = round(time.perf_counter() - t0, 3)
+    out = write_json(report, args.out)
+    print(f"{summary(report)} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

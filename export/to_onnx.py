@@ -187,7 +187,7 @@ def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "mo
                       opset: int = DEFAULT_OPSET, keep_versions: int = 2) -> ExportReport:
     from export.triton_config import render_config
 
-    model, ckpt = load_model(checkpoint)
+    model, ckpt = load_model(checkpoint, kaem_only=True)
     contract = contract_for(model)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"

@@ -111,11 +111,14 @@ def test_cli_train_then_sample_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "p.png").stat().st_size > 10_000
 
 
-def test_ddp_two_ranks_stay_in_sync(tmp_path: Path) -> None:
-    """torchrun with 2 gloo processes on the same code; the loop verifies replicas before saving."""
+@pytest.mark.parametrize("posterior", ["is", "mala"])
+def test_ddp_two_ranks_stay_in_sync(tmp_path: Path, posterior: str) -> None:
+    """torchrun with 2 gloo processes on the same code; the loop verifies replicas before saving.
+    Under MALA the grid/domain refit gathers both ranks' chains and each rank keeps its own step sizes."""
     out = tmp_path / "ddp"
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "training.train",
-           "--preset", "digits", "--steps", "12", "--out", str(out), "--no-progress", "--samples", "0"]
+           "--preset", "digits", "--steps", "12", "--out", str(out), "--no-progress", "--samples", "0",
+           "--posterior", posterior]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -124,3 +127,7 @@ def test_ddp_two_ranks_stay_in_sync(tmp_path: Path) -> None:
     assert ck["step"] == 12
     recs = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert len([r for r in recs if "loss" in r]) >= 1  # only rank 0 writes logs
+    if posterior == "mala":
+        eta = ck["train_state"]["carry"]["mala_eta"]
+        assert eta.shape == (2, get_preset("digits").train.batch_size)  # one row of step sizes per rank
+        assert not torch.equal(eta[0], eta[1])

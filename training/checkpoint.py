@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from training.config import KAEMConfig
-from training.model import KAEM
+from training.model import LatentImageModel
 
 FORMAT = "kaem-checkpoint"
 FORMAT_VERSION = 1
@@ -28,8 +28,8 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:07d}.pt"
 
 
-def save_checkpoint(path: str | Path, model: KAEM, step: int, optimizer: torch.optim.Optimizer | None = None,
-                    train_state: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(path: str | Path, model: LatentImageModel, step: int,
+                    optimizer: torch.optim.Optimizer | None = None, train_state: dict[str, Any] | None = None) -> Path:
     """Write atomically: temp file in the same folder, fsync, rename (a crash never leaves half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,7 @@ def save_checkpoint(path: str | Path, model: KAEM, step: int, optimizer: torch.o
     return path
 
 
-def _plain(model: torch.nn.Module) -> KAEM:
+def _plain(model: torch.nn.Module) -> LatentImageModel:
     return getattr(model, "module", model)  # unwrap DistributedDataParallel
 
 
@@ -102,10 +102,18 @@ def config_of(ckpt: dict[str, Any]) -> KAEMConfig:
         raise CheckpointError(f"{ckpt.get('path')}: stored config is invalid: {err}") from err
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[KAEM, dict[str, Any]]:
-    """Rebuild the model from the checkpoint's own config (the only way a model is rebuilt)."""
+def load_model(path: str | Path, map_location: str | torch.device = "cpu",
+               kaem_only: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Rebuild the model from the checkpoint's own config (the only way a model is rebuilt): a KAEM,
+    or a VAE / latent-EBM baseline. ``kaem_only`` refuses baselines with a clear error."""
+    from training.baselines import MODEL_NAMES, build_model  # deferred: it imports the loss modules
+
     ckpt = load_checkpoint(path, map_location)
-    model = KAEM(config_of(ckpt))
+    cfg = config_of(ckpt)
+    if kaem_only and cfg.model != "kaem":
+        raise CheckpointError(f"{ckpt['path']} holds a {MODEL_NAMES[cfg.model]} baseline, not a KAEM: "
+                              "only KAEM checkpoints have an energy prior to export or plot")
+    model = build_model(cfg)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:

@@ -1,9 +1,11 @@
-"""Posterior estimators as losses with one shared signature (spec §5.2):
+"""Posterior estimators as losses with one shared signature (spec §5.2), chosen by name:
 
-    loss_fn(model, x, gen, cfg) -> LossOutput
+    loss_fn(model, x, gen, cfg, ctx) -> LossOutput
 
 ``gen`` is a per-step ``torch.Generator`` (all noise comes from it, so a step is a pure function
-of (parameters, batch, seed, step, rank)). Later estimators (ULA/MALA/annealing) register here.
+of (parameters, batch, seed, step, rank, carried sampler state)). ``ctx`` gives the training
+progress (the annealing schedule) and the sampler state carried across steps (MALA step sizes);
+the new state comes back in ``LossOutput.carry`` and the training loop checkpoints it.
 """
 
 from __future__ import annotations
@@ -16,19 +18,29 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from training import samplers
 from training.config import PosteriorConfig
 from training.model import KAEM
 from training.resample import RESAMPLERS
 
 
 @dataclass
+class StepContext:
+    step: int = 0  # training iteration i (the annealing power follows i / total_steps)
+    total_steps: int = 1
+    carry: dict[str, Tensor] = field(default_factory=dict)  # sampler state from the previous step
+
+
+@dataclass
 class LossOutput:
     loss: Tensor  # scalar to minimise
     stats: dict[str, float] = field(default_factory=dict)  # detached numbers for logs
-    z: Tensor | None = None  # latent samples the grid refit may use (prior samples under IS)
+    z: Tensor | None = None  # IS: the prior proposals; Langevin/annealing: posterior chains (refits)
+    carry: dict[str, Tensor] = field(default_factory=dict)  # sampler state for the next step
 
 
-def importance_sampling_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig) -> LossOutput:
+def importance_sampling_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
+                             ctx: StepContext | None = None) -> LossOutput:
     """IS maximum likelihood with residual resampling (spec §5.3):
     L = −[ Σ_s ω_{b,s}(log π̃(z_idx) + ℓ_{b,idx}) averaged over b − Ê_prior log π̃(z') ]."""
     prior, dev = model.prior, x.device
@@ -71,7 +83,7 @@ def importance_sampling_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: 
 
     with torch.no_grad():
         n_pix = x[0].numel()
-        log_px = torch.logsumexp(ell, 1) - math.log(S)  # IS estimate of log p(x) (+ const)
+        log_px = samplers.importance_log_evidence(ell)  # IS estimate of log p(x) (+ const)
         stats = {
             "loss": float(loss),
             "loglik": float(ell_post.mean()),
@@ -85,5 +97,148 @@ def importance_sampling_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: 
     return LossOutput(loss=loss, stats=stats, z=z)
 
 
-LossFn = Callable[[KAEM, Tensor, torch.Generator, PosteriorConfig], LossOutput]
-POSTERIORS: dict[str, LossFn] = {"is": importance_sampling_loss}
+# ---- Langevin-family estimators (spec §5.4-5.5) ------------------------------------------------
+
+
+def _prior_draws(model: KAEM, n: int, gen: torch.Generator, device: torch.device) -> Tensor:
+    """n exact ITS prior samples (no gradient): chain starts and the CD term's z'."""
+    with torch.no_grad(), record_function("kaem.prior_its"):
+        return model.prior.sample(torch.rand(n, model.u_dim, generator=gen, device=device))
+
+
+def _log_prior_fn(model: KAEM) -> samplers.LogTarget:
+    """log π̃(z) for Langevin targets. The univariate prior is used unnormalised (log Z does not move
+    z); the mixture needs its per-component log Z, computed once per step and held constant."""
+    prior = model.prior
+    if prior.kind == "univariate":
+        return prior.log_prob
+    with torch.no_grad():
+        log_z = prior.log_normalizer()
+    return lambda z: prior.log_prob(z, log_z=log_z)
+
+
+def _log_lik_fn(model: KAEM, x: Tensor) -> samplers.LogTarget:
+    """ℓ(x_b | z_b) without decoder noise (the Langevin gradient uses none, spec §5.4)."""
+    return lambda z: model.log_likelihood_paired(x, model.decode(z))
+
+
+def _noisy_loglik(model: KAEM, x: Tensor, z: Tensor, gen: torch.Generator, cfg: PosteriorConfig) -> Tensor:
+    """ℓ(x_b | z_b) with fresh decoder noise when configured: the loss's data term, [B]."""
+    logits = model.decode(z)
+    noise = None
+    if cfg.decoder_noise and model.sigma_n > 0:
+        noise = torch.randn(logits.shape[0], logits[0].numel(), generator=gen, device=x.device)
+    return model.log_likelihood_paired(x, logits, noise)
+
+
+def _posterior_loss(model: KAEM, x: Tensor, z_post: Tensor, z_prior: Tensor, ell: Tensor, cfg: PosteriorConfig,
+                    data_term: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """L = −[Ê_post(log π̃(z) + ℓ(x|z)) − Ê_prior(log π̃(z'))] on detached chain states (spec §5.2),
+    with ell[B] = ℓ(x_b | z_b). ``data_term`` replaces Ê_post ℓ (the thermodynamic integral)."""
+    prior = model.prior
+    with record_function("kaem.prior_energy"):
+        logp = prior.log_prob(z_post, normalized=not cfg.contrastive).mean()
+        prior_term = prior.log_prob(z_prior).mean() if cfg.contrastive else torch.zeros((), device=x.device)
+    data = ell.mean() if data_term is None else data_term
+    loss = -(data + logp - prior_term)
+    with torch.no_grad():
+        n_pix = x[0].numel()
+        stats = {
+            "loss": float(loss),
+            "loglik": float(ell.mean()),
+            "rmse": float(torch.sqrt(torch.clamp(-ell.mean() * 2 * model.sigma**2 / n_pix, min=0))),
+            "prior_post": float(logp),
+            "prior_prior": float(prior_term),
+        }
+    return loss, stats
+
+
+def ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
+             ctx: StepContext | None = None) -> LossOutput:
+    """"Vanilla" Langevin MLE: B chains (one per image) from ITS prior samples, ``langevin_steps``
+    ULA moves on log π̃(z) + log p(x|z), the loss of §5.2 at the final states."""
+    B, dev = x.shape[0], x.device
+    z0, z_prior = _prior_draws(model, B, gen, dev), _prior_draws(model, B, gen, dev)
+    log_prior, log_lik = _log_prior_fn(model), _log_lik_fn(model, x)
+    with record_function("kaem.langevin"):
+        z = samplers.ula(lambda z: log_prior(z) + log_lik(z), z0, cfg.step_size, cfg.langevin_steps, gen)
+    with record_function("kaem.decoder"):
+        ell = _noisy_loglik(model, x, z, gen, cfg)
+    loss, stats = _posterior_loss(model, x, z, z_prior, ell, cfg)
+    stats["eta"] = cfg.step_size
+    return LossOutput(loss=loss, stats=stats, z=z)
+
+
+def mala_initial_step(cfg: PosteriorConfig) -> float:
+    return math.sqrt(2.0 * cfg.step_size)
+
+
+def mala_settings(cfg: PosteriorConfig) -> samplers.MALASettings:
+    return samplers.MALASettings(
+        n_steps=cfg.langevin_steps, eta_min=cfg.eta_min, eta_max=cfg.eta_max, n_unadjusted=cfg.mala_unadjusted,
+        target_accept=cfg.mala_target_accept, reversibility_tol=cfg.reversibility_tol,
+        precondition=cfg.mala_precondition,
+    )
+
+
+def mala_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
+              ctx: StepContext | None = None) -> LossOutput:
+    """MALA posterior chains with per-chain autoMALA step sizes; η_init comes from the previous
+    iteration (``ctx.carry["mala_eta"]``, the carry-over rule), on the first from the ULA step:
+    a leapfrog step ε moves z by ε²/2·∇ + ε·p, i.e. ULA with η = ε²/2, so ε_init = √(2η)."""
+    B, dev = x.shape[0], x.device
+    carried = (ctx.carry if ctx is not None else {}).get("mala_eta")
+    first = torch.full((B,), mala_initial_step(cfg))
+    eta0 = carried.to(dev) if carried is not None and carried.shape == (B,) else first
+    z0, z_prior = _prior_draws(model, B, gen, dev), _prior_draws(model, B, gen, dev)
+    log_prior, log_lik = _log_prior_fn(model), _log_lik_fn(model, x)
+    with record_function("kaem.langevin"):
+        res = samplers.mala(lambda z: log_prior(z) + log_lik(z), z0, eta0.to(dev), gen, mala_settings(cfg))
+    with record_function("kaem.decoder"):
+        ell = _noisy_loglik(model, x, res.z, gen, cfg)
+    loss, stats = _posterior_loss(model, x, res.z, z_prior, ell, cfg)
+    stats.update(accept=float(res.accept_rate.mean()), eta=float(res.eta_mean.mean()),
+                 reversible=res.reversible_rate, search_evals=res.search_evals)
+    return LossOutput(loss=loss, stats=stats, z=res.z, carry={"mala_eta": res.eta_next.detach()})
+
+
+def thermo_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
+                ctx: StepContext | None = None) -> LossOutput:
+    """Population annealing with global swaps and the thermodynamic-integration loss (spec §5.5):
+    L = −(TI + Ê_{t=1}[log π̃(z)] − Ê_prior[log π̃(z')]), TI over ℓ means at t_0 = 0 (prior
+    samples) .. t_{N_t} = 1, each with fresh decoder noise."""
+    ctx = ctx or StepContext()
+    B, dev, K = x.shape[0], x.device, cfg.n_temps
+    power = samplers.annealing_power(ctx.step, ctx.total_steps, cfg.power_start, cfg.power_end, cfg.power_cycles)
+    temps = samplers.temperatures(K, power).to(dev)
+    z0 = _prior_draws(model, K * B, gen, dev)
+    z_prior = _prior_draws(model, B, gen, dev)
+    xk = x.repeat(K, *([1] * (x.dim() - 1)))  # chain k·B + b sees image b
+
+    def swap_lik(z: Tensor) -> Tensor:  # likelihoods for the swap test carry decoder noise (spec §5.5)
+        return _noisy_loglik(model, xk, z, gen, cfg)
+
+    with record_function("kaem.langevin"):
+        res = samplers.anneal_populations(
+            _log_prior_fn(model), _log_lik_fn(model, xk), z0.view(K, B, *z0.shape[1:]), temps[1:],
+            cfg.step_size, cfg.langevin_steps, gen, swap_lik=swap_lik, swap_every=cfg.swap_every,
+        )
+    with record_function("kaem.decoder"):
+        ell_prior = _noisy_loglik(model, x, z_prior, gen, cfg)
+        ell_temps = _noisy_loglik(model, xk, res.z.reshape(K * B, *z0.shape[1:]), gen, cfg).view(K, B)
+    means = torch.cat([ell_prior.mean().unsqueeze(0), ell_temps.mean(1)])
+    ti = samplers.thermodynamic_integral(means, temps, cfg.ti_rule)
+    z_post = res.z[-1]
+    loss, stats = _posterior_loss(model, x, z_post, z_prior, ell_temps[-1], cfg, data_term=ti)
+    stats.update(log_px=float(ti.detach()), loglik_prior=float(ell_prior.detach().mean()),
+                 swap_rate=res.swap_rate, power=power, eta=cfg.step_size)
+    return LossOutput(loss=loss, stats=stats, z=z_post)
+
+
+LossFn = Callable[[KAEM, Tensor, torch.Generator, PosteriorConfig, StepContext | None], LossOutput]
+POSTERIORS: dict[str, LossFn] = {
+    "is": importance_sampling_loss,
+    "ula": ula_loss,
+    "mala": mala_loss,
+    "thermo": thermo_loss,
+}

@@ -1,4 +1,5 @@
-"""KAEM = energy prior + decoder + Gaussian likelihood, rebuilt only from a ``KAEMConfig``."""
+"""KAEM = energy prior + decoder + Gaussian likelihood, rebuilt only from a ``KAEMConfig``; the base
+class every model of the harness (KAEM and the baselines) shares."""
 
 from __future__ import annotations
 
@@ -10,19 +11,55 @@ from training.decoder import build_decoder
 from training.prior import EnergyPrior
 
 
-class KAEM(nn.Module):
-    def __init__(self, cfg: KAEMConfig, init_seed: int | None = None):
+class LatentImageModel(nn.Module):
+    """What every model in the harness shares: a decoder g_Φ from a Q-dim latent to pre-sigmoid
+    logits, the Gaussian likelihood with σ and σ_n, and a single ``generate(u)`` from uniforms
+    ``u[B, noise_dim]`` (one row per image seed) to images in [0, 1]."""
+
+    decoder: nn.Module
+
+    def __init__(self, cfg: KAEMConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        gen = torch.Generator().manual_seed(cfg.train.seed if init_seed is None else init_seed)
-        self.prior = EnergyPrior(cfg.prior, gen)
-        self.decoder = build_decoder(cfg.decoder, cfg.prior.Q, gen)
         self.sigma = cfg.likelihood.sigma
         self.sigma_n = cfg.likelihood.sigma_n
 
+    @staticmethod
+    def init_generator(cfg: KAEMConfig, init_seed: int | None) -> torch.Generator:
+        return torch.Generator().manual_seed(cfg.train.seed if init_seed is None else init_seed)
+
+    @property
+    def noise_dim(self) -> int:
+        raise NotImplementedError
+
+    def generate(self, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def log_likelihood_paired(self, x: Tensor, logits: Tensor, noise: Tensor | None = None) -> Tensor:
+        """ℓ_b = −||x_b − sigmoid(g_b + σ_n ε_b)||² / (2σ²) for matched rows (one chain per image), [B].
+
+        x[B, C, H, W], logits[B, C, H, W], noise[B, C·H·W] or None (Langevin gradients use none)."""
+        g = logits.flatten(1)
+        if noise is not None:
+            g = g + self.sigma_n * noise
+        resid = x.flatten(1) - torch.sigmoid(g)
+        return -(resid * resid).sum(1) / (2 * self.sigma**2)
+
+
+class KAEM(LatentImageModel):
+    def __init__(self, cfg: KAEMConfig, init_seed: int | None = None):
+        super().__init__(cfg)
+        gen = self.init_generator(cfg, init_seed)
+        self.prior = EnergyPrior(cfg.prior, gen)
+        self.decoder = build_decoder(cfg.decoder, cfg.prior.Q, gen)
+
     @property
     def u_dim(self) -> int:
+        return self.prior.u_dim
+
+    @property
+    def noise_dim(self) -> int:
         return self.prior.u_dim
 
     def decode(self, z: Tensor) -> Tensor:

@@ -41,7 +41,7 @@ def plot_priors(checkpoints: list[str], out: str | Path, n: int = 4,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = [load_model(c)[0] for c in checkpoints]
+    models = [load_model(c, kaem_only=True)[0] for c in checkpoints]
     cols = len(components) if components else n
     fig, axes = plt.subplots(len(models), cols, figsize=(3.0 * cols, 2.4 * len(models)), squeeze=False)
     for row, (model, ckpt) in enumerate(zip(models, checkpoints, strict=True)):

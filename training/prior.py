@@ -171,18 +171,19 @@ class EnergyPrior(nn.Module):
         """Decoder input h[B, Q]: h_q = Σ_p z_{q,p} (univariate) or z_q itself (mixture)."""
         return z.sum(-1) if self.kind == "univariate" else z
 
-    def log_prob(self, z: Tensor, normalized: bool = False) -> Tensor:
+    def log_prob(self, z: Tensor, normalized: bool = False, log_z: Tensor | None = None) -> Tensor:
         """log pi(z) per sample, [B]. Univariate: Σ_{q,p} f + log pi0 (− log Z when normalised).
 
         The mixture is always normalised with the differentiable quadrature log Z and logsumexp
-        over components (spec §9: the reference's Z = 1 shortcut is only right for equal masses)."""
+        over components (spec §9: the reference's Z = 1 shortcut is only right for equal masses).
+        ``log_z`` [Q, P] reuses a precomputed log Z (Langevin loops: it does not depend on z)."""
         if self.kind == "univariate":
             lp = self.f(z) + self.log_pi0(z)
             if normalized:
-                lp = lp - self.log_normalizer()
+                lp = lp - (self.log_normalizer() if log_z is None else log_z)
             return lp.sum(dim=(-1, -2))
         zq = z.unsqueeze(-1).expand(*z.shape, self.P)
-        comp = self.log_alpha + self.f(zq) - self.log_normalizer()
+        comp = self.log_alpha + self.f(zq) - (self.log_normalizer() if log_z is None else log_z)
         return (torch.logsumexp(comp, dim=-1) + self.log_pi0(z)).sum(-1)
 
     def density_on_nodes(self) -> tuple[Tensor, Tensor, Tensor]:

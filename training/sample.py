@@ -15,23 +15,34 @@ from training import uniforms
 from training.checkpoint import CheckpointError, load_model
 from training.cli import UserError, resolve_device, user_errors
 from training.images import save_each, save_grid, to_uint8_nhwc
-from training.model import KAEM
+from training.model import KAEM, LatentImageModel
 from training.uniforms import parse_seeds
 
 
-def seeds_to_u(model: KAEM, seeds: Iterable[int], truncation: float = 1.0) -> np.ndarray:
-    """The model's ``u[N, D]`` for these seeds, with truncation applied to the ITS uniforms only."""
+def seeds_to_u(model: LatentImageModel, seeds: Iterable[int], truncation: float = 1.0) -> np.ndarray:
+    """The model's ``u[N, D]`` for these seeds. KAEM: truncation on the ITS uniforms only; the
+    baselines' uniforms become Gaussian noise and take no truncation."""
+    if not isinstance(model, KAEM):
+        if truncation != 1.0:
+            raise ValueError("--truncation applies to KAEM's inverse-transform prior only")
+        return uniforms.seeds_to_u(list(seeds), model.noise_dim, 0)
     p = model.cfg.prior
     return uniforms.seeds_to_u(list(seeds), *uniforms.u_layout(p.kind, p.P, p.Q), truncation)
 
 
 @torch.no_grad()
-def sample_images(model: KAEM, seeds: Iterable[int], truncation: float = 1.0, batch: int = 256) -> np.ndarray:
-    """uint8 images ``[N, H, W, C]`` for the given seeds (eager PyTorch, no noise)."""
+def sample_images(model: LatentImageModel, seeds: Iterable[int], truncation: float = 1.0,
+                  batch: int = 256) -> np.ndarray:
+    """uint8 images ``[N, H, W, C]`` for the given seeds (eager PyTorch, no decoder noise): KAEM in one
+    pass, the VAE through its Gaussian prior, the latent EBM through its Langevin prior chain."""
     u = torch.from_numpy(seeds_to_u(model, seeds, truncation))
     dev = next(model.parameters()).device
-    cdf = model.prior.cdf_table()
-    out = [to_uint8_nhwc(model.generate(u[i : i + batch].to(dev), cdf)).cpu() for i in range(0, len(u), batch)]
+    if isinstance(model, KAEM):
+        cdf = model.prior.cdf_table()
+        gen = lambda v: model.generate(v, cdf)  # noqa: E731
+    else:
+        gen = model.generate
+    out = [to_uint8_nhwc(gen(u[i : i + batch].to(dev))).cpu() for i in range(0, len(u), batch)]
     return torch.cat(out).numpy()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, DistributedSampler
 from tqdm import tqdm
 
+from training.baselines import MODEL_NAMES, build_model, loss_fn_for
 from training.checkpoint import (
     CheckpointError,
     checkpoint_name,
@@ -32,26 +34,29 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.cli import UserError, resolve_device, user_errors
-from training.config import PRESETS, KAEMConfig, get_preset, with_overrides
-from training.losses import POSTERIORS
-from training.model import KAEM
+from training.config import MODELS, POSTERIOR_KINDS, PRESETS, KAEMConfig, get_preset, with_model, with_overrides
+from training.losses import StepContext
+from training.model import KAEM, LatentImageModel
 from training.uniforms import step_generator
 
 GRID_STREAM = 0x6772_6964  # rank slot for grid-refit noise: identical on every rank keeps DDP in sync
 KEEP_CHECKPOINTS = 3
+PROGRESS_KEYS = ("ess", "accept", "eta", "swap_rate")  # sampler health on the progress line, when present
 
 
 class LossModule(nn.Module):
     """Wraps model + estimator so DistributedDataParallel sees the loss computation as forward()."""
 
-    def __init__(self, model: KAEM):
+    def __init__(self, model: LatentImageModel):
         super().__init__()
         self.model = model
+        self.loss_fn = loss_fn_for(model.cfg)
 
-    def forward(self, x: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float], Tensor | None]:
+    def forward(self, x: Tensor, gen: torch.Generator, ctx: StepContext
+                ) -> tuple[Tensor, dict[str, float], Tensor | None, dict[str, Tensor]]:
         cfg = self.model.cfg.posterior
-        out = POSTERIORS[cfg.kind](self.model, x, gen, cfg)
-        return out.loss, out.stats, out.z
+        out = self.loss_fn(self.model, x, gen, cfg, ctx)
+        return out.loss, out.stats, out.z, out.carry
 
 
 class StepBatches:
@@ -81,12 +86,46 @@ def fetch(dataset: Dataset, idx: list[int], device: torch.device) -> Tensor:
 
 
 @torch.no_grad()
-def refit_grids(model: KAEM, seed: int, step: int, n: int, device: torch.device) -> None:
-    """Spec §2.3: refit RBF grids (prior and KAN decoder) to prior samples (the IS rule)."""
+def refit_grids(model: LatentImageModel, seed: int, step: int, n: int, device: torch.device) -> None:
+    """Spec §2.3: refit RBF grids (prior and KAN decoder) to prior samples (the IS rule; the VAE's
+    decoder to N(0, I) draws)."""
     gen = step_generator(seed, step, GRID_STREAM, device)
+    if not isinstance(model, KAEM):
+        model.decoder.refit_grid(torch.randn(n, model.cfg.prior.Q, generator=gen, device=device))
+        return
     z = model.prior.sample(torch.rand(n, model.u_dim, generator=gen, device=device))
     model.prior.refit_grid(z)
     model.decoder.refit_grid(model.prior.latent(z))
+
+
+@torch.no_grad()
+def refit_from_posterior(model: LatentImageModel, z: Tensor, domain_update: bool) -> tuple[float, float] | None:
+    """The Langevin rule of spec §2.3: refit RBF grids to posterior samples z (all ranks' chains)
+    and, with ``domain_update``, reset the quadrature domain to their range widened by 10% on
+    each side: [min − 0.1|min|, max + 0.1|max|] (the reference's (0.9 min, 1.1 max) shrinks a
+    negative bound, §9 bug 2); nodes, weights and knots are rebuilt. Returns the new domain."""
+    domain = None
+    if not isinstance(model, KAEM):  # the latent EBM: its energy is FFT (no grid); refit the decoder
+        model.decoder.refit_grid(z)
+        return None
+    if domain_update:
+        lo, hi = float(z.min()), float(z.max())
+        domain = (lo - 0.1 * abs(lo), hi + 0.1 * abs(hi))
+        if not (math.isfinite(lo) and math.isfinite(hi) and domain[0] < domain[1]):
+            raise FloatingPointError(f"posterior samples span [{lo}, {hi}]: cannot set a quadrature domain")
+        model.prior.set_domain(*domain)
+    model.prior.refit_grid(z)
+    model.decoder.refit_grid(model.prior.latent(z))
+    return domain
+
+
+def gather_ranks(t: Tensor, world: int) -> Tensor:
+    """Stack a same-shaped tensor from every rank: [world, ...] (just t[None] without DDP)."""
+    if world <= 1:
+        return t.unsqueeze(0)
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.stack(parts)
 
 
 def check_ranks_in_sync(model: nn.Module) -> None:
@@ -102,6 +141,15 @@ def check_ranks_in_sync(model: nn.Module) -> None:
         print(f"ranks in sync: {dist.get_world_size()} replicas identical", file=sys.stderr)
 
 
+def out_of_time(expired: bool, world: int, device: torch.device) -> bool:
+    """Rank 0's clock decides, so every rank leaves the loop after the same step."""
+    if world <= 1:
+        return expired
+    flag = torch.tensor([float(expired)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world, device) from torchrun's environment; gloo on CPU, NCCL on GPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -115,9 +163,10 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 
 def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str | None = None,
-          resume: bool = False, progress: bool = True) -> Path:
+          resume: bool = False, progress: bool = True, max_seconds: float | None = None) -> Path:
     # Returns the last checkpoint written (on rank 0; other ranks return its expected path).
-    """Train ``cfg`` into ``run_dir``; returns the final checkpoint path."""
+    """Train ``cfg`` into ``run_dir``; returns the final checkpoint path. ``max_seconds`` stops the
+    loop early (all ranks at the same step) and checkpoints there; schedules keep the planned total."""
     from training.data import load_dataset  # deferred: the CLI's --dry-run and errors stay fast
 
     # ---- Distributed setup and run directory --------------------------------------------------
@@ -130,7 +179,9 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
                         "or choose another --out")
 
     # ---- Model, optimiser, and (on --resume) every piece of state that carries across steps ----
-    train_state: dict[str, Any] = {"next_grid_update": 0, "grid_interval": float(cfg.train.grid_update_every)}
+    # (Sampler state is per rank: ``carry`` holds every rank's copy [world, ...] so rank 0 can save it.)
+    train_state: dict[str, Any] = {"next_grid_update": 0, "grid_interval": float(cfg.train.grid_update_every),
+                                   "carry": {}, "train_seconds": 0.0}
     ckpt = None
     if resume and latest is not None:
         ckpt = load_checkpoint(latest, map_location=device)
@@ -138,8 +189,13 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
         cfg = config_of(ckpt)
         cfg = replace(cfg, train=replace(cfg.train, steps=steps))
         train_state.update(ckpt["train_state"])
-    model = KAEM(cfg).to(device)
+    model = build_model(cfg).to(device)
     tc = cfg.train
+    # Grids follow posterior chains (after the step) under Langevin-family training, prior draws before it otherwise.
+    langevin = cfg.model == "lebm" or (cfg.model == "kaem" and cfg.posterior.kind != "is")
+    carry = {k: v[rank].to(device) for k, v in train_state["carry"].items() if v.shape[0] == world}
+    if len(carry) < len(train_state["carry"]) and is_main:
+        print("resume: sampler state was saved with another number of ranks; it starts afresh", file=sys.stderr)
     if tc.optimizer != "adam":
         raise UserError(f"optimizer {tc.optimizer!r} is not available; use adam")
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
@@ -162,6 +218,8 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
             log.write(json.dumps({"event": "resume", "step": start}) + "\n")
 
     def checkpoint(step: int) -> Path:
+        # Wall time spent in the loop over all sessions of this run (kaem-compare reports it).
+        train_state["train_seconds"] = seconds_before + time.perf_counter() - t_start
         path = save_checkpoint(run_dir / checkpoint_name(step), model, step, opt, train_state)
         for old in sorted(run_dir.glob("ckpt-*.pt"))[:-KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
@@ -172,17 +230,24 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
                dynamic_ncols=True, mininterval=1.0)
     acc: dict[str, float] = {}
     n_acc, t_window, completed = 0, time.perf_counter(), start
+    t_start = time.perf_counter()
+    seconds_before = float(train_state.get("train_seconds", 0.0))
     final = latest
     try:
         for step in range(start, tc.steps):
-            # Grid refits on a schedule whose interval grows by grid_update_growth per refit.
-            if tc.grid_update_every and step == train_state["next_grid_update"] and step <= tc.grid_update_until:
-                refit_grids(model, tc.seed, step, tc.grid_samples, device)
+            # Grid refits on a schedule whose interval grows by grid_update_growth per refit: before
+            # the step from prior samples under IS, after it from the posterior chains otherwise.
+            refit = (bool(tc.grid_update_every) and step == train_state["next_grid_update"]
+                     and step <= tc.grid_update_until)
+            if refit:
+                if not langevin:
+                    refit_grids(model, tc.seed, step, tc.grid_samples, device)
                 train_state["grid_interval"] *= tc.grid_update_growth
                 train_state["next_grid_update"] = step + max(1, round(train_state["grid_interval"]))
 
             x = fetch(dataset, batches(step), device)
-            loss, stats, _ = loss_module(x, step_generator(tc.seed, step, rank, device))
+            ctx = StepContext(step=step, total_steps=tc.steps, carry=carry)
+            loss, stats, z_post, new_carry = loss_module(x, step_generator(tc.seed, step, rank, device), ctx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip > 0:
@@ -191,6 +256,11 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
             completed = step + 1
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {float(loss)} at step {step}: lower --lr or check the data")
+            if new_carry:
+                train_state["carry"] = {k: gather_ranks(v, world).cpu() for k, v in new_carry.items()}
+                carry = {k: v.detach() for k, v in new_carry.items()}
+            if refit and langevin and z_post is not None:
+                refit_from_posterior(model, gather_ranks(z_post.detach(), world).flatten(0, 1), tc.domain_update)
 
             # Logging (rank 0): averages over the window, images/s over all ranks.
             for k, v in stats.items():
@@ -201,14 +271,23 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
                 dt = time.perf_counter() - t_window
                 rec = {"step": done, **{k: v / n_acc for k, v in acc.items()},
                        "images_per_s": n_acc * tc.batch_size * world / max(dt, 1e-9), "time": time.time()}
+                if langevin and tc.domain_update and cfg.model == "kaem":
+                    rec["domain"] = [round(v, 5) for v in model.prior.domain.tolist()]
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.1f}", loglik=f"{rec['loglik']:.1f}",
+                                **{k: f"{rec[k]:.3g}" for k in PROGRESS_KEYS if k in rec},
                                 img_s=f"{rec['images_per_s']:.0f}", refresh=False)
                 acc, n_acc, t_window = {}, 0, time.perf_counter()
             bar.update(1)
             if is_main and done % tc.checkpoint_every == 0 and done < tc.steps:
                 final = checkpoint(done)
+            if max_seconds is not None and out_of_time(time.perf_counter() - t_start > max_seconds, world, device):
+                if is_main:
+                    log.write(json.dumps({"event": "time_budget", "step": done, "seconds": max_seconds}) + "\n")
+                    print(f"\ntime budget of {max_seconds:.0f} s reached at step {done} of {tc.steps}",
+                          file=sys.stderr)
+                break
         if world > 1:
             check_ranks_in_sync(model)
         if is_main and (final is None or completed > start):
@@ -231,7 +310,8 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kaem-train",
-        description="Train a KAEM (energy prior + decoder) by importance-sampling maximum likelihood. "
+        description="Train a KAEM (energy prior + decoder) by maximum likelihood with the chosen posterior "
+        "estimator (--posterior), or one of the baselines (--model vae|lebm) with the same data, decoder and loop. "
         "Writes config.json, stats.jsonl, ckpt-XXXXXXX.pt and samples.png into the run directory. "
         "Multi-process: torchrun --nproc_per_node=N -m training.train ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -240,12 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="number of updates (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step per rank (default: preset's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
+    p.add_argument("--model", choices=MODELS, default=None,
+                   help="kaem (default), vae (Gaussian prior, amortised encoder, ELBO) or lebm (latent EBM of Pang "
+                   "et al. 2020 with a 60-step Langevin prior sampler; its posterior uses the preset's Langevin "
+                   "settings)")
+    p.add_argument("--posterior", choices=POSTERIOR_KINDS, default=None,
+                   help="posterior estimator: is (importance sampling), ula (Langevin), mala (MALA with "
+                   "autoMALA step sizes), thermo (population annealing + thermodynamic integration); "
+                   "default: the preset's. Langevin settings come from the preset")
     p.add_argument("--seed", type=int, default=None, help="seed for init, data order and noise (default: 0)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the project's data/ folder "
                    "that `make setup` fills; SVHN/CIFAR-10/CelebA need your own copy)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>, runs/<preset>-<model> for "
+                   "baselines)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-time budget: stop after this many minutes, checkpoint and write samples as usual "
+                   "(schedules still assume --steps)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--samples", type=int, default=64, help="images in the final samples.png (0: none)")
@@ -259,19 +351,27 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--steps must be >= 0")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise UserError("--max-minutes must be > 0")
     cfg = with_overrides(get_preset(args.preset), steps=args.steps, seed=args.seed, lr=args.lr,
                          batch_size=args.batch_size)
+    if args.posterior is not None:
+        cfg = replace(cfg, posterior=replace(cfg.posterior, kind=args.posterior))
+    cfg = with_model(cfg, args.model)
+    if cfg.model != "kaem" and args.posterior is not None:
+        raise UserError(f"--posterior applies to KAEM only; the {MODEL_NAMES[cfg.model]} has its own objective")
     cfg.validate()
     if args.dry_run:
         print(cfg.to_json())
         return 0
     from training.data import DataError
 
-    run_dir = Path(args.out or f"runs/{cfg.preset}")
+    run_dir = Path(args.out or (f"runs/{cfg.preset}" if cfg.model == "kaem" else f"runs/{cfg.preset}-{cfg.model}"))
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     try:
-        final = train(cfg, run_dir, device, args.data_root, args.resume, progress=not args.no_progress)
+        final = train(cfg, run_dir, device, args.data_root, args.resume, progress=not args.no_progress,
+                      max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes)
     except DataError as err:
         raise UserError(str(err)) from err
     if int(os.environ.get("RANK", "0")) == 0:

@@ -34,7 +34,16 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.cli import UserError, resolve_device, user_errors
-from training.config import MODELS, POSTERIOR_KINDS, PRESETS, KAEMConfig, get_preset, with_model, with_overrides
+from training.config import (
+    MODELS,
+    PI0_KINDS,
+    POSTERIOR_KINDS,
+    PRESETS,
+    KAEMConfig,
+    get_preset,
+    with_model,
+    with_overrides,
+)
 from training.losses import StepContext
 from training.model import KAEM, LatentImageModel
 from training.uniforms import step_generator
@@ -324,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kaem (default), vae (Gaussian prior, amortised encoder, ELBO) or lebm (latent EBM of Pang "
                    "et al. 2020 with a 60-step Langevin prior sampler; its posterior uses the preset's Langevin "
                    "settings)")
+    p.add_argument("--pi0", choices=PI0_KINDS, default=None,
+                   help="KAEM's reference measure π₀ (spec §3; sets its quadrature domain); default: the preset's")
     p.add_argument("--posterior", choices=POSTERIOR_KINDS, default=None,
                    help="posterior estimator: is (importance sampling), ula (Langevin), mala (MALA with "
                    "autoMALA step sizes), thermo (population annealing + thermodynamic integration); "
@@ -357,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                          batch_size=args.batch_size)
     if args.posterior is not None:
         cfg = replace(cfg, posterior=replace(cfg.posterior, kind=args.posterior))
+    if args.pi0 is not None:
+        cfg = replace(cfg, prior=replace(cfg.prior, pi0=args.pi0))
     cfg = with_model(cfg, args.model)
     if cfg.model != "kaem" and args.posterior is not None:
         raise UserError(f"--posterior applies to KAEM only; the {MODEL_NAMES[cfg.model]} has its own objective")

@@ -113,11 +113,18 @@ def check_graph(proto: onnx.ModelProto, contract: ModelContract) -> list[str]:
     return ops
 
 
-def ort_session(path: Path):  # -> onnxruntime.InferenceSession
+def ort_session(path: Path, threads: int | None = None, flush_denormal: bool = False):  # -> InferenceSession
+    """CPU onnxruntime session; ``threads`` pins the intra-op pool (benchmarks compare at equal threads),
+    ``flush_denormal`` treats denormal floats as zero."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if flush_denormal:
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

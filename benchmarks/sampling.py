@@ -1,0 +1,283 @@
+"""Sampling benchmark: generation images/s of KAEM (inverse-transform prior + decoder, one pass) against
+the latent EBM (60-step ULA Langevin prior + decoder) and the VAE (Gaussian prior + decoder), with the
+same decoder config, batch size and device, measured side by side in one run; plus the KAEM graph in
+onnxruntime (exported with the project's exporter) and the share of KAEM generation time spent in its
+prior (spec kaem-model.md §7.3: "re-measure side by side").
+
+    python benchmarks/sampling.py [--preset fmnist] [--batch 64] [--seconds 2] [--threads 1]
+                                  [--checkpoint-kaem P] [--checkpoint-vae P] [--checkpoint-lebm P]
+                                  [--rounds 4] [--flush-denormal] [--json PATH] [--quick]
+
+Models are freshly initialised from the preset unless a checkpoint is given: speed does not depend on
+training except through subnormal floats. KAN decoders evaluate Gaussian RBFs exp(-d²/2), and inputs far
+outside the RBF grid (a fresh KAEM's latent sums span ~±7 against the decoder's [-1.2, 1.2]) give
+subnormal values that x86 float arithmetic handles many times slower; --flush-denormal flushes them
+(torch and onnxruntime) to show how much of a gap that is. Uniforms are the serving ones:
+``training.sample.seeds_to_u(model, range(batch))``. KAEM eager runs ``model.generate(u, cdf)`` with
+the CDF table computed once, as serving does; "KAEM prior" times ``model.prior.sample(u, cdf)`` alone.
+Every cell is timed at batch 1 (latency) and at --batch: warm-up calls, then calls until --seconds per
+cell, split into --rounds rounds that visit the cells in turn so background load drifts hit every cell
+alike; ms/batch is the median call. onnxruntime runs with its intra-op threads pinned to --threads, like
+torch. On a shared machine keep --threads 1: oversubscribed threads slow small ops by up to ~10x (the
+load average is printed for that reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.contract import INPUT_U, OUTPUT_IMAGES
+from export.to_onnx import ExportError, check_parity, export_graph, ort_session
+from training.baselines import MODEL_NAMES, build_model
+from training.config import KAEMConfig, get_preset
+from training.model import KAEM, LatentImageModel
+from training.sample import seeds_to_u
+
+QUICK_PRESET, QUICK_BATCH, QUICK_SECONDS = "digits", 8, 0.2
+# Table rows, in order; the test parses these labels.
+CELLS = ("KAEM eager", "KAEM prior", "KAEM ORT", "latent EBM", "VAE")
+MIN_CALLS = 3  # timed calls per cell at least, whatever --seconds says
+
+
+def time_calls(fn: Callable[[], object], seconds: float, times: list[float]) -> None:
+    """Call ``fn`` until ``seconds`` have passed (at least once), appending each call's duration."""
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        if t1 - start >= seconds:
+            return
+
+
+def no_grad_call(fn: Callable[..., object], *args: object) -> Callable[[], object]:
+    """``fn(*args)`` under ``torch.no_grad`` as a zero-argument cell (the latent EBM's ULA chain turns
+    gradients back on for its own energy gradients, as in ``kaem-sample``)."""
+
+    def call() -> object:
+        with torch.no_grad():
+            return fn(*args)
+
+    return call
+
+
+def warm_up(fn: Callable[[], object], seconds: float) -> None:
+    """Two calls at least, then more until a tenth of the cell's budget has passed."""
+    start = time.perf_counter()
+    for _ in range(2):
+        fn()
+    while time.perf_counter() - start < 0.1 * seconds:
+        fn()
+
+
+def bench(cells: dict[str, Callable[[], object]], seconds: float, rounds: int) -> dict[str, list[float]]:
+    """Per-call times of every cell: ``rounds`` rounds visiting the cells in turn, ``seconds / rounds``
+    each, then top-up calls until every cell has MIN_CALLS."""
+    times: dict[str, list[float]] = {k: [] for k in cells}
+    for fn in cells.values():
+        warm_up(fn, seconds)
+    for _ in range(rounds):
+        for name, fn in cells.items():
+            time_calls(fn, seconds / rounds, times[name])
+    for name, fn in cells.items():
+        while len(times[name]) < MIN_CALLS:
+            time_calls(fn, 0.0, times[name])
+    return times
+
+
+def summarise(times: list[float], batch: int) -> dict:
+    med = statistics.median(times)
+    return {"batch": batch, "calls": len(times), "ms_per_batch": 1000 * med,
+            "ms_per_batch_mean": 1000 * statistics.fmean(times), "ms_per_batch_min": 1000 * min(times),
+            "images_per_s": batch / med, "seconds_timed": sum(times)}
+
+
+def load_models(args: argparse.Namespace) -> tuple[KAEMConfig, dict[str, LatentImageModel], dict[str, str]]:
+    """KAEM, VAE and latent EBM: from their checkpoints where given, else fresh from one base config
+    (the preset, or the first checkpoint's config when no --preset is given, so decoders match)."""
+    from training.checkpoint import load_model
+
+    paths = {"kaem": args.checkpoint_kaem, "vae": args.checkpoint_vae, "lebm": args.checkpoint_lebm}
+    loaded: dict[str, LatentImageModel] = {}
+    for kind, path in paths.items():
+        if path:
+            model, _ = load_model(path)
+            if model.cfg.model != kind:
+                raise SystemExit(f"--checkpoint-{kind} {path} holds a {MODEL_NAMES[model.cfg.model]}, "
+                                 f"not a {MODEL_NAMES[kind]}")
+            loaded[kind] = model
+    if args.preset is not None or not loaded:
+        base = get_preset(args.preset or (QUICK_PRESET if args.quick else "fmnist"))
+    else:
+        base = next(iter(loaded.values())).cfg
+    models: dict[str, LatentImageModel] = {}
+    sources: dict[str, str] = {}
+    for kind in paths:
+        if kind in loaded:
+            models[kind], sources[kind] = loaded[kind], f"checkpoint {paths[kind]}"
+        else:
+            models[kind], sources[kind] = build_model(replace(base, model=kind)), f"fresh init ({base.preset})"
+        models[kind].eval()
+    return base, models, sources
+
+
+def decoder_text(cfg: KAEMConfig) -> str:
+    d = cfg.decoder
+    if d.kind == "kan":
+        return (f"kan {cfg.prior.Q}->{'->'.join(map(str, d.hidden))}->{math.prod(d.image_shape)} "
+                f"({d.basis}, G={d.grid_size})")
+    return f"conv Q={cfg.prior.Q} channels {d.channels} -> {d.image_shape}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help=f"preset for fresh models (default fmnist; --quick: {QUICK_PRESET})")
+    p.add_argument("--checkpoint-kaem", default=None, help="load the KAEM from this checkpoint")
+    p.add_argument("--checkpoint-vae", default=None, help="load the VAE from this checkpoint")
+    p.add_argument("--checkpoint-lebm", default=None, help="load the latent EBM from this checkpoint")
+    p.add_argument("--batch", type=int, default=None, help=f"batch size besides 1 (default 64; --quick: {QUICK_BATCH})")
+    p.add_argument("--seconds", type=float, default=None,
+                   help=f"timed seconds per cell (default 2; --quick: {QUICK_SECONDS})")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per cell (default 4; --quick: 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads and onnxruntime intra-op threads")
+    p.add_argument("--flush-denormal", action="store_true",
+                   help="torch.set_flush_denormal(True) and onnxruntime's set_denormal_as_zero (default: off, "
+                   "as in kaem-sample and the served graph)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the numbers to this JSON file")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke test: {QUICK_PRESET} preset, batch {QUICK_BATCH}, {QUICK_SECONDS} s per cell")
+    args = p.parse_args(argv)
+    batch = args.batch if args.batch is not None else (QUICK_BATCH if args.quick else 64)
+    seconds = args.seconds if args.seconds is not None else (QUICK_SECONDS if args.quick else 2.0)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 4)
+    if batch < 1 or seconds <= 0 or rounds < 1 or args.threads < 1:
+        p.error("--batch, --rounds and --threads must be >= 1 and --seconds > 0")
+    torch.set_num_threads(args.threads)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        p.error("--flush-denormal: this CPU does not support flushing denormals")
+    load_before = os.getloadavg()[0]
+
+    torch.manual_seed(0)
+    cfg, models, sources = load_models(args)
+    kaem, vae, lebm = models["kaem"], models["vae"], models["lebm"]
+    assert isinstance(kaem, KAEM)
+    decoders = {k: m.cfg.decoder for k, m in models.items()}
+    same_decoder = all(d == decoders["kaem"] and m.cfg.prior.Q == kaem.cfg.prior.Q
+                       for d, m in zip(decoders.values(), models.values(), strict=True))
+    b = lebm.cfg.baseline
+    batches = sorted({1, batch})
+
+    print(f"preset {cfg.preset}, torch threads {torch.get_num_threads()} (onnxruntime intra-op threads "
+          f"{args.threads}), denormals {'flushed' if args.flush_denormal else 'kept'}, "
+          f"load average {load_before:.2f} on {os.cpu_count()} CPUs, torch {torch.__version__}")
+    for kind, src in sources.items():
+        print(f"  {MODEL_NAMES[kind]:10s} {src}, noise_dim {models[kind].noise_dim}")
+    print(f"decoder: {decoder_text(kaem.cfg)}" + ("" if same_decoder else
+          f"  WARNING: decoders differ: VAE {decoder_text(vae.cfg)}, latent EBM {decoder_text(lebm.cfg)}"))
+    print(f"KAEM prior: {kaem.cfg.prior.kind}, P={kaem.cfg.prior.P} Q={kaem.cfg.prior.Q}, "
+          f"{kaem.cfg.prior.basis} G={kaem.cfg.prior.grid_size}, {kaem.cfg.prior.n_quad} quadrature nodes")
+    print(f"latent EBM prior: {b.prior_steps} ULA Langevin steps, step size {b.prior_step_size:g}, KAN energy "
+          f"{lebm.cfg.prior.Q}->{'->'.join(map(str, b.energy_hidden))}->1 ({b.energy_basis}, G={b.energy_grid}, "
+          f"{b.energy_act}, pi0 {b.energy_pi0})")
+    print(f"batches {', '.join(map(str, batches))}; {seconds:g} s per cell in {rounds} round(s), "
+          "median call", flush=True)
+
+    with torch.no_grad():
+        cdf = kaem.prior.cdf_table()
+    results: dict[str, dict[str, dict]] = {str(bs): {} for bs in batches}
+    parity: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        t0 = time.perf_counter()
+        export_graph(kaem, onnx_path)
+        export_s = time.perf_counter() - t0
+        sess = ort_session(onnx_path, args.threads, args.flush_denormal)
+        try:
+            mean_diff, px_diff = check_parity(kaem, sess, tuple(batches))
+            parity = {"max_mean_diff": mean_diff, "max_pixel_diff": px_diff}
+            parity_text = f"parity vs eager: max |mean diff| {mean_diff:.2e}, max pixel diff {px_diff}"
+        except ExportError as err:
+            parity = {"error": str(err)}
+            parity_text = f"WARNING parity check failed: {err}"
+        print(f"exported KAEM to ONNX in {export_s:.1f} s ({onnx_path.stat().st_size / 1e6:.2f} MB); {parity_text}",
+              flush=True)
+
+        for bs in batches:
+            u = {k: torch.from_numpy(seeds_to_u(m, range(bs))) for k, m in models.items()}
+            u_np = np.ascontiguousarray(u["kaem"].numpy(), dtype=np.float32)
+
+            cells = {
+                "KAEM eager": no_grad_call(kaem.generate, u["kaem"], cdf),
+                "KAEM prior": no_grad_call(kaem.prior.sample, u["kaem"], cdf),
+                "KAEM ORT": lambda x=u_np: sess.run([OUTPUT_IMAGES], {INPUT_U: x}),
+                "latent EBM": no_grad_call(lebm.generate, u["lebm"]),
+                "VAE": no_grad_call(vae.generate, u["vae"]),
+            }
+            print(f"timing batch {bs} ...", file=sys.stderr, flush=True)
+            for name, ts in bench(cells, seconds, rounds).items():
+                results[str(bs)][name] = summarise(ts, bs)
+    load_after = os.getloadavg()[0]
+
+    print(f"\n{'model':12s} {'batch':>6s} {'ms/batch':>11s} {'images/s':>11s} {'calls':>7s}")
+    for bs in batches:
+        for name in CELLS:
+            r = results[str(bs)][name]
+            print(f"{name:12s} {bs:6d} {r['ms_per_batch']:11.3f} {r['images_per_s']:11.1f} {r['calls']:7d}")
+    print("(KAEM prior = prior.sample(u, cdf) alone, part of KAEM eager; KAEM ORT = the exported graph, "
+          "uint8 images output)")
+
+    ratios: dict[str, dict[str, float]] = {}
+    print("\nratios, same batch (time of one / time of the other):")
+    print(f"{'batch':>6s} {'LEBM/KAEM':>10s} {'VAE/KAEM':>9s} {'eager/ORT':>10s} {'prior share':>12s}")
+    for bs in batches:
+        ms = {k: v["ms_per_batch"] for k, v in results[str(bs)].items()}
+        ratios[str(bs)] = r = {
+            "kaem_faster_than_lebm": ms["latent EBM"] / ms["KAEM eager"],
+            "kaem_faster_than_vae": ms["VAE"] / ms["KAEM eager"],
+            "ort_faster_than_eager": ms["KAEM eager"] / ms["KAEM ORT"],
+            "prior_share": ms["KAEM prior"] / ms["KAEM eager"],
+        }
+        print(f"{bs:6d} {r['kaem_faster_than_lebm']:9.1f}x {r['kaem_faster_than_vae']:8.2f}x "
+              f"{r['ort_faster_than_eager']:9.2f}x {100 * r['prior_share']:11.1f} %")
+    for bs in batches:
+        r = ratios[str(bs)]
+        print(f"batch {bs}: KAEM eager is {r['kaem_faster_than_lebm']:.1f}x faster than the latent EBM, "
+              f"{r['kaem_faster_than_vae']:.2f}x the VAE's speed; KAEM in onnxruntime is "
+              f"{r['ort_faster_than_eager']:.2f}x eager; the prior takes {100 * r['prior_share']:.1f} % of KAEM "
+              "generation time")
+    print(f"load average {load_before:.2f} before, {load_after:.2f} after the run ({os.cpu_count()} CPUs)")
+
+    if args.json:
+        payload = {
+            "preset": cfg.preset, "sources": sources, "threads": torch.get_num_threads(),
+            "ort_intra_op_threads": args.threads,
+            "flush_denormal": args.flush_denormal, "torch_version": str(torch.__version__),
+            "load_average": [load_before, load_after], "cpus": os.cpu_count(), "quick": args.quick,
+            "seconds_per_cell": seconds, "rounds": rounds, "batches": batches,
+            "decoder": decoder_text(kaem.cfg), "same_decoder": same_decoder,
+            "kaem_prior": {"kind": kaem.cfg.prior.kind, "P": kaem.cfg.prior.P, "Q": kaem.cfg.prior.Q},
+            "lebm_prior_steps": b.prior_steps, "lebm_prior_step_size": b.prior_step_size,
+            "noise_dim": {k: m.noise_dim for k, m in models.items()},
+            "onnx_export_s": export_s, "onnx_parity": parity, "results": results, "ratios": ratios,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

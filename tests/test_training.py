@@ -131,3 +131,12 @@ def test_ddp_two_ranks_stay_in_sync(tmp_path: Path, posterior: str) -> None:
         eta = ck["train_state"]["carry"]["mala_eta"]
         assert eta.shape == (2, get_preset("digits").train.batch_size)  # one row of step sizes per rank
         assert not torch.equal(eta[0], eta[1])
+
+
+def test_time_budget_stops_early_with_a_checkpoint_and_the_last_window_logged(tmp_path: Path) -> None:
+    path = train(_digits(100_000), tmp_path, torch.device("cpu"), progress=False, max_seconds=0.5)
+    ck = load_checkpoint(path)
+    lines = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert lines[-1] == {"event": "time_budget", "step": ck["step"], "seconds": 0.5}
+    assert 0 < ck["step"] < 100_000 and lines[-2]["step"] == ck["step"]  # the partial window is not lost
+    assert ck["train_state"]["train_seconds"] >= 0.5

@@ -276,7 +276,8 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
                 acc[k] = acc.get(k, 0.0) + v
             n_acc += 1
             done = step + 1
-            if is_main and (step == start or done % tc.log_every == 0 or done == tc.steps):
+            stop = max_seconds is not None and out_of_time(time.perf_counter() - t_start > max_seconds, world, device)
+            if is_main and (step == start or done % tc.log_every == 0 or done == tc.steps or stop):
                 dt = time.perf_counter() - t_window
                 rec = {"step": done, **{k: v / n_acc for k, v in acc.items()},
                        "images_per_s": n_acc * tc.batch_size * world / max(dt, 1e-9), "time": time.time()}
@@ -291,7 +292,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
             bar.update(1)
             if is_main and done % tc.checkpoint_every == 0 and done < tc.steps:
                 final = checkpoint(done)
-            if max_seconds is not None and out_of_time(time.perf_counter() - t_start > max_seconds, world, device):
+            if stop:  # the window up to here was logged above
                 if is_main:
                     log.write(json.dumps({"event": "time_budget", "step": done, "seconds": max_seconds}) + "\n")
                     print(f"\ntime budget of {max_seconds:.0f} s reached at step {done} of {tc.steps}",

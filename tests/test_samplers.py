@@ -290,3 +290,28 @@ def test_same_seed_gives_the_same_chains_bit_for_bit() -> None:
     for x, y in zip(first, second, strict=True):
         assert torch.equal(x, y)
     assert not torch.equal(samplers.ula(gaussian_target, z0[0], 0.05, 30, _gen(12)), first[0])
+
+
+def test_restricted_search_gives_the_same_chains_with_less_work() -> None:
+    # Chains that carry their own data (KAEM: one image each): the search may evaluate only the
+    # chains still searching, given the target of a subset of rows.
+    C = 64
+    centres = torch.randn(C, 3, generator=_gen(13)) * 3
+    evaluated = {"rows": 0}
+
+    def target_of(c: torch.Tensor):
+        def log_target(z: torch.Tensor) -> torch.Tensor:
+            evaluated["rows"] += z.shape[0]
+            return -0.5 * ((z - c) / 0.3).pow(2).sum(1)
+
+        return log_target
+
+    z0 = torch.randn(C, 3, generator=_gen(14))
+    s = MALASettings(n_steps=12)
+    full = samplers.mala(target_of(centres), z0, torch.full((C,), 0.05), _gen(15), s)
+    rows_full, evaluated["rows"] = evaluated["rows"], 0
+    part = samplers.mala(target_of(centres), z0, torch.full((C,), 0.05), _gen(15), s,
+                         restrict=lambda rows: target_of(centres[rows]))
+    assert torch.allclose(part.z, full.z, atol=1e-5) and torch.equal(part.eta_next, full.eta_next)
+    assert torch.equal(part.accept_rate, full.accept_rate)
+    assert evaluated["rows"] < 0.8 * rows_full

@@ -192,8 +192,14 @@ def mala_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig
     eta0 = carried.to(dev) if carried is not None and carried.shape == (B,) else first
     z0, z_prior = _prior_draws(model, B, gen, dev), _prior_draws(model, B, gen, dev)
     log_prior, log_lik = _log_prior_fn(model), _log_lik_fn(model, x)
+
+    def restrict(rows: Tensor) -> samplers.LogTarget:  # the chains of images x[rows] alone
+        lik = _log_lik_fn(model, x[rows])
+        return lambda z: log_prior(z) + lik(z)
+
     with record_function("kaem.langevin"):
-        res = samplers.mala(lambda z: log_prior(z) + log_lik(z), z0, eta0.to(dev), gen, mala_settings(cfg))
+        res = samplers.mala(lambda z: log_prior(z) + log_lik(z), z0, eta0.to(dev), gen, mala_settings(cfg),
+                            restrict)
     with record_function("kaem.decoder"):
         ell = _noisy_loglik(model, x, res.z, gen, cfg)
     loss, stats = _posterior_loss(model, x, res.z, z_prior, ell, cfg)

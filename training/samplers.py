@@ -18,6 +18,9 @@ import torch
 from torch import Tensor
 
 LogTarget = Callable[[Tensor], Tensor]
+# rows -> the target of those chains alone. Lets MALA's step-size search evaluate only the chains still
+# searching; a target whose chains carry their own data (KAEM: one image per chain) must provide it.
+Restrict = Callable[[Tensor], LogTarget]
 
 
 def value_and_grad(log_target: LogTarget, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -130,9 +133,25 @@ def leapfrog(log_target: LogTarget, z: Tensor, p: Tensor, lp: Tensor, g: Tensor,
     return _Proposal(z_new, p_new, lp_new, g_new, log_r)
 
 
+def _leapfrog_rows(log_target: LogTarget, restrict: Restrict | None, z: Tensor, p: Tensor, lp: Tensor, g: Tensor,
+                   eta: Tensor, inv_sqrt_m: Tensor, rows: Tensor, fill: _Proposal) -> _Proposal:
+    """Leapfrog for the chains in the mask ``rows`` only (other rows copied from ``fill``), when the
+    target can be restricted; otherwise for all chains."""
+    if restrict is None or bool(rows.all()):
+        return leapfrog(log_target, z, p, lp, g, eta, inv_sqrt_m)
+    idx = rows.nonzero().squeeze(1)
+    part = leapfrog(restrict(idx), z[idx], p[idx], lp[idx], g[idx], eta[idx], inv_sqrt_m)
+    out = []
+    for full, sub in zip(fill.astuple(), part.astuple(), strict=True):
+        merged = full.clone()
+        merged[idx] = sub
+        out.append(merged)
+    return _Proposal(*out)
+
+
 def step_size_search(log_target: LogTarget, z: Tensor, p: Tensor, lp: Tensor, g: Tensor, eta0: Tensor,
-                     log_a: Tensor, log_b: Tensor, inv_sqrt_m: Tensor, s: MALASettings
-                     ) -> tuple[Tensor, _Proposal, Tensor]:
+                     log_a: Tensor, log_b: Tensor, inv_sqrt_m: Tensor, s: MALASettings,
+                     restrict: Restrict | None = None) -> tuple[Tensor, _Proposal, Tensor]:
     """Per-chain search (spec §5.4): double η while the move is too easy, halve it while too hard,
     stop inside the band, at the bounds or on NaN. Returns (η, proposal at η, evaluations [C]).
 
@@ -153,7 +172,9 @@ def step_size_search(log_target: LogTarget, z: Tensor, p: Tensor, lp: Tensor, g:
         leaving = active & ((trial < s.eta_min) | (trial > s.eta_max))
         active = active & ~leaving  # stop at the last in-bound η (its proposal is `best`)
         eta = torch.where(active, trial, eta)
-        cur = leapfrog(log_target, z, p, lp, g, eta, inv_sqrt_m)
+        if not bool(active.any()):
+            break
+        cur = _leapfrog_rows(log_target, restrict, z, p, lp, g, eta, inv_sqrt_m, active, best)
         evals = evals + active.to(evals.dtype)
         crit = -cur.log_r.abs()
         nan = torch.isnan(crit)
@@ -197,11 +218,12 @@ class MoveResult:
 
 
 def mala_move(log_target: LogTarget, z: Tensor, lp: Tensor, g: Tensor, p: Tensor, log_a: Tensor, log_b: Tensor,
-              log_u: Tensor, eta_init: Tensor, inv_sqrt_m: Tensor, s: MALASettings) -> MoveResult:
+              log_u: Tensor, eta_init: Tensor, inv_sqrt_m: Tensor, s: MALASettings,
+              restrict: Restrict | None = None) -> MoveResult:
     """One adjusted autoMALA move from z with momentum p, thresholds (a, b) and MH uniform log_u."""
-    eta, prop, ev_f = step_size_search(log_target, z, p, lp, g, eta_init, log_a, log_b, inv_sqrt_m, s)
+    eta, prop, ev_f = step_size_search(log_target, z, p, lp, g, eta_init, log_a, log_b, inv_sqrt_m, s, restrict)
     eta_r, back, ev_r = step_size_search(log_target, prop.z, -prop.p, prop.lp, prop.g, eta_init,
-                                         log_a, log_b, inv_sqrt_m, s)
+                                         log_a, log_b, inv_sqrt_m, s, restrict)
     scale = 1.0 + z.flatten(1).abs().amax(1)
     same_eta = (eta_r - eta).abs() <= s.reversibility_tol * eta
     same_z = (back.z - z).flatten(1).abs().amax(1) <= s.reversibility_tol * scale
@@ -210,9 +232,11 @@ def mala_move(log_target: LogTarget, z: Tensor, lp: Tensor, g: Tensor, p: Tensor
     return MoveResult(prop, eta, reversible, accept, ev_f + ev_r)
 
 
-def mala(log_target: LogTarget, z0: Tensor, eta_init: Tensor, gen: torch.Generator, s: MALASettings) -> MALAResult:
+def mala(log_target: LogTarget, z0: Tensor, eta_init: Tensor, gen: torch.Generator, s: MALASettings,
+         restrict: Restrict | None = None) -> MALAResult:
     """MALA (one leapfrog step per move) with the per-chain step-size search, reversibility check,
-    MH correction, diagonal preconditioner and the η carry-over rule of spec §5.4."""
+    MH correction, diagonal preconditioner and the η carry-over rule of spec §5.4. With ``restrict``
+    the search's later rounds evaluate only the chains still searching (same chains, less work)."""
     z = z0.detach()
     C = z.shape[0]
     eta_init = eta_init.to(z).clamp(s.eta_min, s.eta_max)
@@ -230,7 +254,7 @@ def mala(log_target: LogTarget, z0: Tensor, eta_init: Tensor, gen: torch.Generat
             accept = torch.isfinite(prop.lp) & torch.isfinite(_chain_sum(prop.z))
         else:
             mv = mala_move(log_target, z, lp, g, p, ab.min(0).values.log(), ab.max(0).values.log(), log_u,
-                           eta_init, inv_sqrt_m, s)
+                           eta_init, inv_sqrt_m, s, restrict)
             prop, accept = mv.proposal, mv.accept
             eta_sum += torch.where(accept, mv.eta, torch.zeros_like(mv.eta))
             n_acc += accept.to(n_acc.dtype)

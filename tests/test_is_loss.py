@@ -18,13 +18,7 @@ from training.uniforms import step_generator
 CFG = get_preset("digits")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: one thread is ~10x faster than two on a busy 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _digits(n: int, offset: int = 0) -> torch.Tensor:

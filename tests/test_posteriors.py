@@ -31,12 +31,7 @@ CFG = get_preset("digits")
 LANGEVIN = ("ula", "mala", "thermo")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _digits(n: int) -> torch.Tensor:

@@ -16,12 +16,7 @@ MU = torch.tensor([1.0, -0.5])
 SD = torch.tensor([0.7, 1.2])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_target(z: torch.Tensor) -> torch.Tensor:

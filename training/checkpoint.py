@@ -43,10 +43,18 @@ def save_checkpoint(path: str | Path, model: LatentImageModel, step: int,
         "train_state": dict(train_state or {}),
         "torch_version": str(torch.__version__),
     }
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+def atomic_write(path: str | Path, write: Any) -> Path:
+    """``write(binary file)`` into a temp file in the same folder, fsync, rename: a crash never leaves
+    half a file under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

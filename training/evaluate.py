@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from training import metrics
-from training.checkpoint import CheckpointError, load_model
+from training.checkpoint import CheckpointError, atomic_write, load_model
 from training.cli import UserError, resolve_device, user_errors
 from training.data import DataError, image_shape, load_dataset
 from training.features import classifier_features, describe, load_feature_net
@@ -160,15 +159,7 @@ def evaluate(model: KAEM | None, dataset: str, n: int = 10_000, *, generate: Gen
 
 def write_json(report: dict[str, Any], path: str | Path) -> Path:
     """Atomic write (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda fh: fh.write((json.dumps(report, indent=2) + "\n").encode()))
 
 
 def summary(report: dict[str, Any]) -> str:

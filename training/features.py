@@ -4,7 +4,6 @@ feature space of the classifier metrics (FD-clf, KID-clf, precision/recall); ``k
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import sys
 import time
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from training.checkpoint import atomic_write
 from training.cli import UserError, resolve_device, user_errors
 from training.data import DataError, default_data_root, image_shape, load_dataset
 
@@ -157,16 +157,7 @@ def save_feature_net(path: str | Path, net: FeatureNet, dataset: str, accuracy: 
         "test_accuracy": float(accuracy), "epochs": int(epochs), "seed": int(seed),
         "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def load_feature_net(path: str | Path, map_location: str | torch.device = "cpu") -> FeatureNet:

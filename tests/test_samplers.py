@@ -310,3 +310,12 @@ def test_restricted_search_gives_the_same_chains_with_less_work() -> None:
     assert torch.allclose(part.z, full.z, atol=1e-5) and torch.equal(part.eta_next, full.eta_next)
     assert torch.equal(part.accept_rate, full.accept_rate)
     assert evaluated["rows"] < 0.8 * rows_full
+
+
+def test_swaps_can_be_switched_off() -> None:
+    m = Conjugate()
+    z0 = torch.randn(3, 20, 2, generator=_gen(16))
+    temps = torch.tensor([0.3, 0.6, 1.0])
+    off = samplers.anneal_populations(m.log_prior, m.log_lik, z0, temps, 0.01, 10, _gen(17), swap_every=0)
+    on = samplers.anneal_populations(m.log_prior, m.log_lik, z0, temps, 0.01, 10, _gen(17), swap_every=1)
+    assert off.swap_rate == 0.0 and on.swap_rate > 0.0

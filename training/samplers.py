@@ -321,7 +321,7 @@ def anneal_populations(log_prior: LogTarget, log_lik: LogTarget, z0: Tensor, tem
                        n_steps: int, gen: torch.Generator, swap_lik: LogTarget | None = None,
                        swap_every: int = 1) -> AnnealResult:
     """ULA on one population per temperature (z0[K, C, ...], temps[K] = t_1..t_K) with a global swap
-    proposal after every ``swap_every`` steps. ``log_prior``/``log_lik`` take the flattened chains
+    proposal after every ``swap_every`` steps (0: never). ``log_prior``/``log_lik`` take the flattened chains
     [K·C, ...]; ``swap_lik`` (default ``log_lik``) scores populations for swaps (KAEM passes the
     likelihood with decoder noise, spec §5.5)."""
     K, C = z0.shape[:2]
@@ -336,7 +336,7 @@ def anneal_populations(log_prior: LogTarget, log_lik: LogTarget, z0: Tensor, tem
     proposed, accepted = 0, 0
     for i in range(n_steps):
         z = ula_step(target, z, step_size, gen)
-        if K > 1 and (i + 1) % swap_every == 0:
+        if K > 1 and swap_every > 0 and (i + 1) % swap_every == 0:
             with torch.no_grad():
                 ell = score(z).view(K, C).sum(1)
             zk, _, acc = global_swap(z.view(K, C, *shape), ell, temps, gen)

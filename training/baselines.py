@@ -96,6 +96,12 @@ class LatentEBM(LatentImageModel):
     def noise_dim(self) -> int:
         return self.cfg.prior.Q * (1 + self.cfg.baseline.prior_steps)
 
+    def param_groups(self, lr: float) -> list[dict]:
+        """The energy trains at ``baseline.energy_lr`` (Pang et al.: far below the generator's), the
+        decoder at the run's learning rate like the KAEM's."""
+        return [{"params": list(self.energy.parameters()), "lr": self.cfg.baseline.energy_lr},
+                {"params": list(self.decoder.parameters()), "lr": lr}]
+
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(z)
 

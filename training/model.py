@@ -29,6 +29,10 @@ class LatentImageModel(nn.Module):
     def init_generator(cfg: KAEMConfig, init_seed: int | None) -> torch.Generator:
         return torch.Generator().manual_seed(cfg.train.seed if init_seed is None else init_seed)
 
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimiser parameter groups: one learning rate for everything unless a model says otherwise."""
+        return [{"params": list(self.parameters()), "lr": lr}]
+
     @property
     def noise_dim(self) -> int:
         raise NotImplementedError

@@ -207,7 +207,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
         print("resume: sampler state was saved with another number of ranks; it starts afresh", file=sys.stderr)
     if tc.optimizer != "adam":
         raise UserError(f"optimizer {tc.optimizer!r} is not available; use adam")
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    opt = torch.optim.Adam(model.param_groups(tc.lr))
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

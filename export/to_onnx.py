@@ -29,7 +29,7 @@ from export.contract import (
 )
 from export.module import ServedGenerator
 from training.checkpoint import CheckpointError, load_model
-from training.cli import UserError, user_errors
+from training.cli import HelpFormatter, UserError, user_errors
 from training.model import KAEM
 
 DEFAULT_OPSET = 18
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kaem-export",
         description="Export a KAEM checkpoint to one ONNX graph (u [batch, D] FP32 -> images [batch, H, W, C] "
         "UINT8 and mean FP32) and install it with its config.pbtxt in a Triton model repository.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="a ckpt-*.pt file or a run directory (latest checkpoint)")
     p.add_argument("--model-repository", default="model_repository", help="Triton model repository folder")

@@ -3,6 +3,7 @@ device argument that fails clearly when CUDA is asked for but absent."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Callable
@@ -46,3 +47,12 @@ def resolve_device(name: str) -> torch.device:
     if not (name == "cpu" or name.startswith("cuda")):
         raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
     return torch.device(name)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" for real defaults only: None ("the preset's") and off-switches stay silent."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)

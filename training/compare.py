@@ -20,7 +20,7 @@ import torch
 
 from training.baselines import MODEL_NAMES
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model
-from training.cli import UserError, resolve_device, user_errors
+from training.cli import HelpFormatter, UserError, resolve_device, user_errors
 from training.config import MODELS, POSTERIOR_KINDS, PRESETS, get_preset, with_model, with_overrides
 
 COLUMNS = ("model", "updates", "train time", "FD-clf ↓", "KID-clf ↓", "precision-clf ↑", "recall-clf ↑",
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "harness and number of updates, score them with classifier-space FD/KID/precision/recall (kaem-eval) and "
         "their sampling speed, and write a markdown table (comparison.md) and comparison.json into --out. "
         "Needs the data set's feature classifier (kaem-train-features).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--preset", default="fmnist", help=f"data set preset: {', '.join(PRESETS)}")
     p.add_argument("--steps", type=int, default=1000, help="updates per model (the equal training budget)")

@@ -16,7 +16,7 @@ import torch
 
 from training import metrics
 from training.checkpoint import CheckpointError, atomic_write, load_model
-from training.cli import UserError, resolve_device, user_errors
+from training.cli import HelpFormatter, UserError, resolve_device, user_errors
 from training.data import DataError, image_shape, load_dataset
 from training.features import classifier_features, describe, load_feature_net
 from training.model import KAEM
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "precision/recall in a frozen classifier's feature space (FD-clf etc.; not FID, not comparable with "
         "published FID), plus real FID/KID when you supply the Inception weight file, and their n = ∞ "
         "extrapolations with --infinity. Writes a JSON report and prints one summary line.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="a ckpt-*.pt file or a run directory (latest checkpoint)")
     p.add_argument("--n", type=int, default=10_000, help="generated images (and real test images, at most all)")

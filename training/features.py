@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from training.checkpoint import atomic_write
-from training.cli import UserError, resolve_device, user_errors
+from training.cli import HelpFormatter, UserError, resolve_device, user_errors
 from training.data import DataError, default_data_root, image_shape, load_dataset
 
 FORMAT = "kaem-features"
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and freeze the small CNN classifier whose penultimate features define the classifier "
         "metrics of kaem-eval (FD-clf, KID-clf, precision/recall). These are not FID: never compare them with "
         "published FID numbers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--dataset", default="fmnist", help=f"dataset with labels: {', '.join(CLASSES)}")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the project's data/ folder)")

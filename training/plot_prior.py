@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from training.checkpoint import CheckpointError, load_model
-from training.cli import UserError, user_errors
+from training.cli import HelpFormatter, UserError, user_errors
 from training.model import KAEM
 
 
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kaem-plot-prior",
         description="Plot learned univariate prior densities (normalised by quadrature) against the reference "
         "measure π₀, one row per checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--checkpoint", action="append", required=True,
                    help="checkpoint file or run directory; repeat for several rows")

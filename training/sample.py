@@ -13,7 +13,7 @@ import torch
 
 from training import uniforms
 from training.checkpoint import CheckpointError, load_model
-from training.cli import UserError, resolve_device, user_errors
+from training.cli import HelpFormatter, UserError, resolve_device, user_errors
 from training.images import save_each, save_grid, to_uint8_nhwc
 from training.model import KAEM, LatentImageModel
 from training.uniforms import parse_seeds
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate images from a checkpoint in eager PyTorch. A seed becomes uniforms through the "
         "versioned counter-based generator shared with the serving client, so a seed gives the same image here, "
         "in onnxruntime and through Triton.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="a ckpt-*.pt file or a run directory (latest checkpoint)")
     p.add_argument("--seeds", default="0-63", help="image seeds: '0-63', '7' or '0-9,100'")

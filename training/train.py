@@ -33,7 +33,7 @@ from training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from training.cli import UserError, resolve_device, user_errors
+from training.cli import HelpFormatter, UserError, resolve_device, user_errors
 from training.config import (
     MODELS,
     PI0_KINDS,
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         "estimator (--posterior), or one of the baselines (--model vae|lebm) with the same data, decoder and loop. "
         "Writes config.json, stats.jsonl, ckpt-XXXXXXX.pt and samples.png into the run directory. "
         "Multi-process: torchrun --nproc_per_node=N -m training.train ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--preset", default="fmnist", help=f"configuration preset: {', '.join(PRESETS)}")
     p.add_argument("--steps", type=int, default=None, help="number of updates (default: the preset's)")

@@ -508,3 +508,22 @@ def test_density_on_nodes_is_normalised_with_quadrature_weights() -> None:
     # Normalised pi0 on [0, 4] is the lognormal pdf (+eps) divided by its mass there.
     want = (stats.lognorm.pdf(nodes.double().numpy(), 1.0) + EPS) / (stats.lognorm.cdf(4.0, 1.0) + 4 * EPS)
     np.testing.assert_allclose(pi0.double().numpy(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_eager_binary_search_matches_compare_and_count() -> None:
+    # Eager ITS uses searchsorted, the exported graph compare-and-count: the same index everywhere,
+    # including ties (zero-mass cells) and u exactly on a CDF value, in both table layouts.
+    from training.prior import _bucket, count_below
+
+    g = torch.Generator().manual_seed(3)
+    m = torch.rand(4, 3, 12, generator=g)
+    m[..., 2:5] = 0.0  # zero-mass cells: repeated CDF values
+    c = torch.cumsum(m, -1)
+    cdf = torch.cat([torch.zeros(4, 3, 1), c / c[..., -1:]], -1)  # [Q, P, N+1]
+    u = torch.rand(7, 4, 3, generator=g)
+    u[0] = cdf[..., 3]  # on a tie
+    u[1] = cdf[..., 8]
+    assert torch.equal(_bucket(cdf, u), count_below(cdf, u))
+    rows = cdf[:, 0][torch.tensor([0, 1, 2, 3, 3, 2, 1])]  # one row per value: [B, N+1]
+    v = u[:, 0, 0]
+    assert torch.equal(_bucket(rows, v), count_below(rows, v))

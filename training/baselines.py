@@ -20,7 +20,7 @@ from training import samplers
 from training.config import KAEMConfig, PosteriorConfig
 from training.decoder import build_decoder
 from training.kan import KANLayer
-from training.losses import POSTERIORS, LossFn, LossOutput, StepContext
+from training.losses import POSTERIORS, LossFn, LossOutput, StepContext, noisy_loglik
 from training.model import KAEM, LatentImageModel
 from training.prior import sanitize_u
 
@@ -160,11 +160,7 @@ def lebm_loss(model: LatentEBM, x: Tensor, gen: torch.Generator, cfg: PosteriorC
         return model.log_prior(z) + model.log_likelihood_paired(x, model.decode(z))
 
     z = samplers.ula(target, z0, cfg.step_size, cfg.langevin_steps, gen)
-    logits = model.decode(z)
-    noise = None
-    if cfg.decoder_noise and model.sigma_n > 0:
-        noise = torch.randn(B, logits[0].numel(), generator=gen, device=dev)
-    ell = model.log_likelihood_paired(x, logits, noise)
+    ell = noisy_loglik(model, x, z, gen, cfg)
     post, prior = model.log_prior(z), model.log_prior(z_prior)
     loss = -((post + ell).mean() - prior.mean())
     return LossOutput(loss=loss, stats=_stats(model, x, loss, ell, prior_post=post, prior_prior=prior), z=z)

@@ -19,7 +19,7 @@ from training.checkpoint import CheckpointError, atomic_write, load_model
 from training.cli import HelpFormatter, UserError, resolve_device, user_errors
 from training.data import DataError, image_shape, load_dataset
 from training.features import classifier_features, describe, load_feature_net
-from training.model import KAEM
+from training.model import LatentImageModel
 
 Generate = Callable[[int], np.ndarray]  # n -> uint8 images [n, H, W, C]
 
@@ -80,7 +80,7 @@ def _infinity(real: np.ndarray, fake: np.ndarray, suffix: str, ns: Sequence[int]
             {fd_key: fd_curve, f"kid{suffix}": kid_curve})
 
 
-def evaluate(model: KAEM | None, dataset: str, n: int = 10_000, *, generate: Generate | None = None,
+def evaluate(model: LatentImageModel | None, dataset: str, n: int = 10_000, *, generate: Generate | None = None,
              data_root: str | Path | None = None, features: str | Path | None = None,
              inception_weights: str | Path | None = None, infinity: bool = False,
              infinity_ns: Sequence[int] | None = None, batch: int = 256, device: str | torch.device = "cpu",
@@ -88,7 +88,7 @@ def evaluate(model: KAEM | None, dataset: str, n: int = 10_000, *, generate: Gen
              progress: bool = True) -> dict[str, Any]:
     """Metrics of ``n`` generated images against up to ``n`` test images of ``dataset``; a flat JSON-able dict.
 
-    ``generate(n)`` returns uint8 ``[n, H, W, C]`` (any generator: VAE, latent EBM...); by default the KAEM
+    ``generate(n)`` returns uint8 ``[n, H, W, C]`` (any generator); by default the
     ``model`` with seeds ``seed .. seed+n-1``. ``features``: classifier file (default features/<dataset>.pt).
     ``inception_weights``: adds FID/KID. ``infinity``: adds the ∞ versions, fitted over ``infinity_ns``
     (default :func:`metrics.infinity_ns` of n). ``seed`` also picks the real subset and KID subsets."""

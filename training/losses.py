@@ -20,7 +20,7 @@ from torch.profiler import record_function
 
 from training import samplers
 from training.config import PosteriorConfig
-from training.model import KAEM
+from training.model import KAEM, LatentImageModel
 from training.resample import RESAMPLERS
 
 
@@ -122,7 +122,7 @@ def _log_lik_fn(model: KAEM, x: Tensor) -> samplers.LogTarget:
     return lambda z: model.log_likelihood_paired(x, model.decode(z))
 
 
-def _noisy_loglik(model: KAEM, x: Tensor, z: Tensor, gen: torch.Generator, cfg: PosteriorConfig) -> Tensor:
+def noisy_loglik(model: LatentImageModel, x: Tensor, z: Tensor, gen: torch.Generator, cfg: PosteriorConfig) -> Tensor:
     """ℓ(x_b | z_b) with fresh decoder noise when configured: the loss's data term, [B]."""
     logits = model.decode(z)
     noise = None
@@ -163,7 +163,7 @@ def ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
     with record_function("kaem.langevin"):
         z = samplers.ula(lambda z: log_prior(z) + log_lik(z), z0, cfg.step_size, cfg.langevin_steps, gen)
     with record_function("kaem.decoder"):
-        ell = _noisy_loglik(model, x, z, gen, cfg)
+        ell = noisy_loglik(model, x, z, gen, cfg)
     loss, stats = _posterior_loss(model, x, z, z_prior, ell, cfg)
     stats["eta"] = cfg.step_size
     return LossOutput(loss=loss, stats=stats, z=z)
@@ -201,7 +201,7 @@ def mala_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig
         res = samplers.mala(lambda z: log_prior(z) + log_lik(z), z0, eta0.to(dev), gen, mala_settings(cfg),
                             restrict)
     with record_function("kaem.decoder"):
-        ell = _noisy_loglik(model, x, res.z, gen, cfg)
+        ell = noisy_loglik(model, x, res.z, gen, cfg)
     loss, stats = _posterior_loss(model, x, res.z, z_prior, ell, cfg)
     stats.update(accept=float(res.accept_rate.mean()), eta=float(res.eta_mean.mean()),
                  reversible=res.reversible_rate, search_evals=res.search_evals)
@@ -222,7 +222,7 @@ def thermo_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
     xk = x.repeat(K, *([1] * (x.dim() - 1)))  # chain k·B + b sees image b
 
     def swap_lik(z: Tensor) -> Tensor:  # likelihoods for the swap test carry decoder noise (spec §5.5)
-        return _noisy_loglik(model, xk, z, gen, cfg)
+        return noisy_loglik(model, xk, z, gen, cfg)
 
     with record_function("kaem.langevin"):
         res = samplers.anneal_populations(
@@ -230,8 +230,8 @@ def thermo_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
             cfg.step_size, cfg.langevin_steps, gen, swap_lik=swap_lik, swap_every=cfg.swap_every,
         )
     with record_function("kaem.decoder"):
-        ell_prior = _noisy_loglik(model, x, z_prior, gen, cfg)
-        ell_temps = _noisy_loglik(model, xk, res.z.reshape(K * B, *z0.shape[1:]), gen, cfg).view(K, B)
+        ell_prior = noisy_loglik(model, x, z_prior, gen, cfg)
+        ell_temps = noisy_loglik(model, xk, res.z.reshape(K * B, *z0.shape[1:]), gen, cfg).view(K, B)
     means = torch.cat([ell_prior.mean().unsqueeze(0), ell_temps.mean(1)])
     ti = samplers.thermodynamic_integral(means, temps, cfg.ti_rule)
     z_post = res.z[-1]

@@ -1,5 +1,5 @@
 """Posterior-estimator benchmark: the cost of one full training step (loss + backward + Adam step)
-with each estimator of spec §5.3-5.5 (IS, ULA, MALA, Thermo at N_t = 2, 5, 10) on the same model
+with each estimator of spec §5.3-5.5 (IS, IS + ULA moves, ULA, MALA, Thermo at N_t = 2, 5, 10) on the same model
 and the same batch of real images, measured side by side in one run, with the estimators' health
 statistics and the Thermo cost per temperature (spec §7.3: "≈ linear" in N_t).
 
@@ -38,6 +38,7 @@ THERMO_TEMPS = (2, 5, 10)
 # Health statistics per estimator (keys of LossOutput.stats), averaged over the timed steps.
 HEALTH = {
     "is": ("ess", "resampled"),
+    "is_ula": ("ess", "move"),
     "ula": ("loglik",),
     "mala": ("accept", "eta", "reversible", "search_evals"),
     "thermo": ("swap_rate", "log_px"),
@@ -59,7 +60,7 @@ def _count_grads() -> None:
 
 
 def variants(base: PosteriorConfig) -> list[tuple[str, PosteriorConfig]]:
-    out = [(kind, replace(base, kind=kind)) for kind in ("is", "ula", "mala")]
+    out = [(kind, replace(base, kind=kind)) for kind in ("is", "is_ula", "ula", "mala")]
     out += [(f"thermo(N_t={k})", replace(base, kind="thermo", n_temps=k)) for k in THERMO_TEMPS]
     return out
 

@@ -1,34 +1,46 @@
-"""Training-step benchmark: images/s of the real IS training step and the share of its time spent in
-the prior (ITS + energies), decoder, likelihood, resampling, backward and optimiser, measured in one
-run, plus side-by-side ratios of the options that change the cost (decoder noise on/off, and the
-hand-written noisy-likelihood backward vs plain autograd).
+"""Training-step benchmark, side by side in one run (ratios, not absolute numbers, are the result):
 
-    python benchmarks/train_step.py [--preset fmnist] [--steps 20] [--quick]
+* ``reference``: the schema-1 default step as it was (univariate prior, IS with N_s = 100 proposals and
+  per-(b, s) decoder noise, every B×N_s likelihood and every proposal's energy carrying gradients:
+  ``losses.importance_sampling_loss_reference``);
+* ``is``: the same configuration and estimator with the default IS loss (forward-only weights, gradients
+  through the weighted pairs only: same draws, value and gradients, tests/test_is_loss.py);
+* ``preset``: the preset's own step (for fmnist: mixture prior, is_ula posterior);
+* ``is, no decoder noise``: the cheaper likelihood, for the record (it changes the estimator).
+
+Then the share of the preset step's time spent in each profiled region.
+
+    python benchmarks/train_step.py [--preset fmnist] [--steps 20] [--quick] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from training.config import get_preset
-from training.losses import importance_sampling_loss
-from training.model import KAEM
+from training.baselines import build_model, loss_fn_for
+from training.config import KAEMConfig, get_preset
+from training.losses import importance_sampling_loss_reference
 from training.uniforms import step_generator
 
-REGIONS = ("kaem.prior_its", "kaem.prior_energy", "kaem.decoder", "kaem.likelihood", "kaem.resample",
-           "kaem.backward", "kaem.optimizer")
+REGIONS = ("kaem.prior_its", "kaem.prior_energy", "kaem.decoder", "kaem.likelihood", "kaem.langevin",
+           "kaem.resample", "kaem.backward", "kaem.optimizer")
+SCHEMA_1 = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "config_v1_fmnist.json"
 
 
-def make_step(model: KAEM, x: torch.Tensor, posterior):
+def make_step(cfg: KAEMConfig, x: torch.Tensor, loss_fn=None):
+    model = build_model(cfg, init_seed=0)
+    loss_fn = loss_fn or loss_fn_for(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step(i: int) -> None:
-        out = importance_sampling_loss(model, x, step_generator(0, i), posterior)
+        out = loss_fn(model, x, step_generator(0, i), cfg.posterior)
         with record_function("kaem.backward"):
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -47,60 +59,54 @@ def time_steps(step, n: int, warmup: int = 2) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def autograd_likelihood(model: KAEM, x, logits, noise):
-    """Plain-autograd reference of the noisy Gaussian log-likelihood (for the ratio only)."""
-    xhat = torch.sigmoid(logits.flatten(1).unsqueeze(0) + model.sigma_n * noise)
-    return -((x.flatten(1).unsqueeze(1) - xhat) ** 2).sum(-1) / (2 * model.sigma**2)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="fmnist")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--quick", action="store_true", help="3 steps per variant (smoke test)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n = 3 if args.quick else args.steps
 
-    cfg = get_preset(args.preset)
-    torch.manual_seed(0)
-    model = KAEM(cfg)
-    x = torch.rand(cfg.train.batch_size, *cfg.decoder.image_shape)
-    print(f"preset {cfg.preset}: batch {cfg.train.batch_size}, N_s {cfg.posterior.n_samples}, "
-          f"P={cfg.prior.P} Q={cfg.prior.Q}, threads {torch.get_num_threads()}")
+    preset = get_preset(args.preset)
+    # The reference is the schema-1 default configuration (the shipped fmnist config before the latent
+    # redesign), with the preset's image size so that other presets compare like for like.
+    old = KAEMConfig.from_dict(json.loads(SCHEMA_1.read_text()))
+    if args.preset != "fmnist":
+        old = replace(preset, prior=replace(preset.prior, kind="univariate"), posterior=replace(
+            preset.posterior, kind="is"))
+    x = torch.rand(preset.train.batch_size, *preset.decoder.image_shape, generator=torch.Generator().manual_seed(0))
+    b = preset.train.batch_size
+    print(f"preset {preset.preset}: batch {b}, N_s {preset.posterior.n_samples}, P={preset.prior.P} "
+          f"Q={preset.prior.Q}, threads {torch.get_num_threads()}")
 
-    # 1. Where the time goes (profiler regions inside the real loss), one profiled window.
-    step = make_step(model, x, cfg.posterior)
+    variants = {
+        "reference (schema-1 step: univariate, IS, all pairs with gradients)":
+            make_step(old, x, importance_sampling_loss_reference),
+        "is (same configuration, weighted pairs only)": make_step(old, x),
+        f"preset {preset.preset} ({preset.prior.kind} prior, {preset.posterior.kind})": make_step(preset, x),
+        "is, no decoder noise (a different estimator)":
+            make_step(replace(old, posterior=replace(old.posterior, decoder_noise=False)), x),
+    }
+    times = {name: time_steps(step, n) for name, step in variants.items()}
+    ref = next(iter(times.values()))
+    print("\nstep time, side by side:")
+    for name, t in times.items():
+        print(f"  {name:70s} {1000 * t:7.1f} ms  {b / t:6.0f} img/s  {ref / t:5.2f}x reference")
+
+    step = make_step(preset, x)
     time_steps(step, 1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(n):
             step(100 + i)
     totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key in REGIONS}
     whole = sum(totals.values())
-    print("\nshare of step time (profiled):")
+    print(f"\nshare of the preset step's time (profiled, {preset.posterior.kind}):")
     for name in REGIONS:
-        print(f"  {name.removeprefix('kaem.'):13s} {100 * totals.get(name, 0) / whole:5.1f} %")
-    prior_share = (totals.get("kaem.prior_its", 0) + totals.get("kaem.prior_energy", 0)) / whole
-    print(f"  -> prior {100 * prior_share:.1f} %, decoder+likelihood "
-          f"{100 * (totals.get('kaem.decoder', 0) + totals.get('kaem.likelihood', 0)) / whole:.1f} %, "
-          f"resampling {100 * totals.get('kaem.resample', 0) / whole:.1f} %")
-
-    # 2. Side by side, unprofiled: the default step, without decoder noise, and autograd likelihood.
-    t_default = time_steps(make_step(model, x, cfg.posterior), n)
-    t_nonoise = time_steps(make_step(model, x, replace(cfg.posterior, decoder_noise=False)), n)
-    original = KAEM.log_likelihood
-    KAEM.log_likelihood = lambda self, x, g, noise: (  # type: ignore[method-assign]
-        original(self, x, g, None) if noise is None else autograd_likelihood(self, x, g, noise))
-    try:
-        t_autograd = time_steps(make_step(model, x, cfg.posterior), n)
-    finally:
-        KAEM.log_likelihood = original  # type: ignore[method-assign]
-    b = cfg.train.batch_size
-    print("\nstep time, side by side:")
-    print(f"  default (decoder noise, hand-written backward) {1000 * t_default:7.1f} ms  {b / t_default:7.0f} img/s")
-    print(f"  no decoder noise (matmul likelihood)           {1000 * t_nonoise:7.1f} ms  {b / t_nonoise:7.0f} img/s")
-    print(f"  decoder noise, autograd likelihood             {1000 * t_autograd:7.1f} ms  {b / t_autograd:7.0f} img/s")
-    print(f"  ratios: no-noise speed-up {t_default / t_nonoise:.2f}x; "
-          f"hand-written vs autograd likelihood {t_autograd / t_default:.2f}x")
+        if name in totals:
+            print(f"  {name.removeprefix('kaem.'):13s} {100 * totals[name] / whole:5.1f} %")
 
 
 if __name__ == "__main__":

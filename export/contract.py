@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from training.uniforms import GENERATOR_VERSION, u_layout
+from training.uniforms import GENERATOR_VERSION, PRIOR_KINDS, u_layout
 
-CONTRACT_VERSION = "kaem-serve-contract-v1"
+# v2: the prior kinds "folded" and "independent" (u layouts a v1 client cannot build) and the latent-health
+# metadata; the default Fashion-MNIST model moved from the univariate [P] to the mixture [2Q] layout.
+CONTRACT_VERSION = "kaem-serve-contract-v2"
 
-# Input: FP32 uniforms [batch, D]; D = P (univariate) or 2Q (mixture: selection, then ITS).
+# Input: FP32 uniforms [batch, D]; D = P (univariate, folded), Q·P (independent) or 2Q (mixture:
+# selection, then ITS).
 INPUT_U = "u"
 INPUT_U_DTYPE = "TYPE_FP32"
 # Outputs: UINT8 images [batch, H, W, C] and the FP32 decoder mean [batch, H, W, C] in [0, 1].
@@ -40,7 +43,7 @@ class ContractError(ValueError):
 class ModelContract:
     """What a client must know about a served model to build valid requests and read images."""
 
-    prior_kind: str  # "univariate" | "mixture"
+    prior_kind: str  # one of training.uniforms.PRIOR_KINDS
     P: int
     Q: int
     image_h: int
@@ -62,9 +65,10 @@ class ModelContract:
 
     @property
     def u_layout_text(self) -> str:
-        if self.prior_kind == "univariate":
-            return f"its[{self.P}] shared over q"
-        return f"select[{self.Q}],its[{self.Q}]"
+        return {"univariate": f"its[{self.P}] shared over q",
+                "folded": f"its[{self.P}] folded per (q,p)",
+                "independent": f"its[{self.Q}x{self.P}] q-major",
+                "mixture": f"select[{self.Q}],its[{self.Q}]"}[self.prior_kind]
 
     def to_metadata(self) -> dict[str, str]:
         out = {f"{_PREFIX}{f.name}": str(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -107,7 +111,8 @@ class ModelContract:
                 f"model was exported for seed generator {self.generator_version!r}, this software uses"
                 f" {GENERATOR_VERSION!r}: the same seed would give a different image"
             )
-        if self.prior_kind not in ("univariate", "mixture"):
-            raise ContractError(f"unknown prior kind {self.prior_kind!r}")
+        if self.prior_kind not in PRIOR_KINDS:
+            raise ContractError(f"unknown prior kind {self.prior_kind!r} (this software knows "
+                                f"{', '.join(PRIOR_KINDS)})")
         if min(self.P, self.Q, self.image_h, self.image_w) < 1 or self.image_c not in (1, 3):
             raise ContractError(f"implausible shapes in model metadata: {self}")

@@ -30,6 +30,7 @@ from export.contract import (
 from export.module import ServedGenerator
 from training.checkpoint import CheckpointError, load_model
 from training.cli import HelpFormatter, UserError, user_errors
+from training.health import LatentHealth, latent_health
 from training.model import KAEM
 
 DEFAULT_OPSET = 18
@@ -57,6 +58,7 @@ class ExportReport:
     max_pixel_diff: int
     ms_per_image_ort: float
     ops: list[str]
+    health: LatentHealth
 
 
 def contract_for(model: KAEM) -> ModelContract:
@@ -196,9 +198,10 @@ def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "mo
 
     model, ckpt = load_model(checkpoint, kaem_only=True)
     contract = contract_for(model)
+    health = latent_health(model)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        proto = export_graph(model, path, opset, {"kaem.checkpoint_step": str(ckpt["step"])})
+        proto = export_graph(model, path, opset, {"kaem.checkpoint_step": str(ckpt["step"]), **health.to_metadata()})
         ops = check_graph(proto, contract)
         sess = ort_session(path)
         mean_diff, px_diff = check_parity(model, sess)
@@ -208,7 +211,7 @@ def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "mo
         model_dir = Path(model_repository) / model_name
         version = publish(path, config, model_dir, keep_versions)
     return ExportReport(model_dir / str(version) / "model.onnx", version, contract, size, mean_diff, px_diff,
-                        ms, ops)
+                        ms, ops, health)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
           f" {OUTPUT_MEAN}: FP32 same shape")
     print(f"  parity vs eager: max |mean diff| {r.max_mean_diff:.2e}, max pixel diff {r.max_pixel_diff}")
     print(f"  onnxruntime CPU: {r.ms_per_image_ort:.3f} ms/image at batch 64; {len(r.ops)} op types")
+    print(f"  latent health: {r.health.summary()}")
+    for w in r.health.warnings():
+        print(f"  warning: {w}")
     print(f"  config: {Path(args.model_repository) / args.model_name / 'config.pbtxt'}")
     return 0
 

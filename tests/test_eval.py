@@ -194,6 +194,22 @@ def test_evaluate_with_pluggable_generator(digits_features: Path) -> None:
         evaluate(None, "digits", 10, generate=lambda n: test[:n, :4], features=digits_features, progress=False)
 
 
+def test_blur_and_blur_equivalent() -> None:
+    from training.evaluate import blur, blur_equivalent
+
+    images = _digits_uint8("test")[:50]
+    assert blur(images, 0.0) is images
+    soft = blur(images, 1.0)
+    assert soft.dtype == np.uint8 and soft.shape == images.shape
+    assert soft.astype(float).std() < images.astype(float).std()  # smoothing lowers the contrast
+    flat = np.full((2, 8, 8, 1), 77, dtype=np.uint8)
+    assert np.array_equal(blur(flat, 1.5), flat)  # a normalised kernel with reflected edges keeps a constant
+    ladder = [{"sigma": 0.0, "fd_clf": 1.0}, {"sigma": 0.7, "fd_clf": 80.0}, {"sigma": 1.0, "fd_clf": 170.0}]
+    assert blur_equivalent(125.0, ladder) == pytest.approx(0.85)
+    assert blur_equivalent(80.0, ladder) == pytest.approx(0.7)
+    assert blur_equivalent(0.5, ladder) is None and blur_equivalent(200.0, ladder) is None
+
+
 # ---- kaem-eval end to end ----------------------------------------------------------------------------------
 
 
@@ -203,9 +219,19 @@ def test_kaem_eval_end_to_end(digits_checkpoint: Path, digits_features: Path, tm
     rc = main(["--checkpoint", str(digits_checkpoint), "--n", "64", "--features", str(digits_features),
                "--infinity", "--kid-subsets", "10", "--kid-subset-size", "32", "--no-progress", "--out", str(out)])
     assert rc == 0
-    line = capsys.readouterr().out.strip()
-    assert line.startswith("digits n=64 step=20 FD-clf=") and line.endswith(f"-> {out}") and "\n" not in line
+    lines = capsys.readouterr().out.strip().splitlines()
+    line = lines[0]
+    assert line.startswith("digits n=64 step=20 FD-clf=") and line.endswith(f"-> {out}")
     rep = json.loads(out.read_text())
+    # Under the summary: the blur ladder (one line per rung), then the latent health.
+    assert lines[1].startswith("blur ladder: 64 real training images")
+    assert [ln.split()[0] for ln in lines[2:6]] == ["σ=0.0", "σ=0.7", "σ=1.0", "σ=1.5"]
+    assert lines[6].startswith("latent PR ") and "generator dimension" in lines[6]
+    assert [r["sigma"] for r in rep["blur_ladder"]] == [0.0, 0.7, 1.0, 1.5]
+    ladder_fd = [r["fd_clf"] for r in rep["blur_ladder"]]
+    assert ladder_fd == sorted(ladder_fd) and ladder_fd[-1] > 5 * ladder_fd[0]  # blurrier real images score worse
+    health = rep["latent_health"]
+    assert 1 <= health["latent_pr"] <= 9 and health["gen_dim"] > 0 and health["Q"] == 9
     for key in ("fd_clf", "kid_clf", "kid_clf_std", "precision_clf", "recall_clf", "fd_clf_inf", "kid_clf_inf"):
         assert math.isfinite(rep[key]), key
     assert rep["fd_clf"] > 0 and 0 <= rep["precision_clf"] <= 1 and 0 <= rep["recall_clf"] <= 1

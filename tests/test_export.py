@@ -49,6 +49,10 @@ def test_graph_contract_and_metadata(exported) -> None:
     ops = {n.op_type for n in proto.graph.node}
     assert not ops & {"RandomUniform", "RandomUniformLike", "RandomNormal", "Multinomial"}
     assert "IsNaN" in ops  # the graph sanitises u itself
+    # Latent health travels with the artefact, the same numbers as training.health computes.
+    assert meta["kaem.latent_pr"] == f"{report.health.latent_pr:.4f}"
+    assert meta["kaem.gen_dim"] == f"{report.health.gen_dim:.4f}"
+    assert len(meta["kaem.latent_top3"].split(",")) == 3
 
 
 @pytest.mark.parametrize("batch", [1, 37])
@@ -111,6 +115,7 @@ def test_script_invocation_and_user_errors(digits_ckpt: Path, tmp_path: Path) ->
                         str(tmp_path), "--model-name", "kaem_digits"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "parity vs eager" in r.stdout and (tmp_path / "kaem_digits" / "1" / "model.onnx").exists()
+    assert "latent health: latent PR" in r.stdout and "generator dimension" in r.stdout
     bad = subprocess.run([sys.executable, str(script), "--checkpoint", str(tmp_path / "nope.pt")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "checkpoint not found" in bad.stderr and "Traceback" not in bad.stderr

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ESTIMATORS = ("is", "ula", "mala", "thermo(N_t=2)", "thermo(N_t=5)", "thermo(N_t=10)")
+ESTIMATORS = ("is", "is_ula", "ula", "mala", "thermo(N_t=2)", "thermo(N_t=5)", "thermo(N_t=10)")
 
 
 def test_posterior_benchmark_quick() -> None:

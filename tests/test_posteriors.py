@@ -160,3 +160,34 @@ def test_posterior_flag() -> None:
     assert cfg["posterior"]["step_size"] == 1e-3 and cfg["posterior"]["langevin_steps"] == 40
     bad = _cli("--preset", "digits", "--posterior", "hmc")
     assert bad.returncode == 2 and "invalid choice: 'hmc'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- is_ula: importance-sampled chain starts, ULA moves in the prior's noise space ----------------------
+
+
+@pytest.mark.parametrize("prior_kind", ["univariate", "mixture"])
+def test_is_ula_gradients_stats_and_chains_inside_the_domain(prior_kind: str) -> None:
+    cfg = _cfg("is_ula")
+    cfg = replace(cfg, prior=replace(cfg.prior, kind=prior_kind), posterior=replace(cfg.posterior, step_size=3e-3))
+    model = KAEM(cfg, init_seed=1)
+    x = _digits(16)
+    out = POSTERIORS["is_ula"](model, x, step_generator(0, 0), cfg.posterior)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert {"ess", "move", "loglik_start", "loglik", "eta"} <= set(out.stats)
+    assert out.stats["move"] > 0 and 1 <= out.stats["ess"] <= cfg.posterior.n_samples
+    a, b = cfg.prior.domain
+    assert float(out.z.min()) >= a and float(out.z.max()) <= b  # z = F⁻¹(Φ(ε)) stays in the prior's support
+    same = POSTERIORS["is_ula"](model, x, step_generator(0, 0), cfg.posterior)
+    assert torch.equal(same.z, out.z) and torch.equal(same.loss, out.loss)
+
+
+def test_is_ula_training_improves_the_data_term_and_keeps_the_domain(tmp_path: Path) -> None:
+    cfg = _cfg("is_ula", steps=40, log_every=10)
+    cfg = replace(cfg, posterior=replace(cfg.posterior, step_size=3e-4, langevin_steps=10))
+    path = train(cfg, tmp_path, torch.device("cpu"), progress=False)
+    recs = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert recs[-1]["loglik"] > recs[0]["loglik"] + 20
+    assert "domain" not in recs[-1]  # the chains cannot leave it, so it never follows them
+    assert load_checkpoint(path)["model"]["prior.domain"].tolist() == pytest.approx(list(CFG.prior.domain))

@@ -527,3 +527,62 @@ def test_eager_binary_search_matches_compare_and_count() -> None:
     rows = cdf[:, 0][torch.tensor([0, 1, 2, 3, 3, 2, 1])]  # one row per value: [B, N+1]
     v = u[:, 0, 0]
     assert torch.equal(_bucket(rows, v), count_below(rows, v))
+
+
+# ----------------------------------------------------------------------------------------------
+# KART layouts with distinct inner inputs: "folded" (shifted tent folds of the shared u_p) and
+# "independent" (one uniform per (q, p))
+
+
+def test_tent_fold_is_continuous_periodic_and_keeps_uniforms_uniform() -> None:
+    from training.prior import fold_shifts, tent_fold
+
+    v = torch.linspace(-2, 3, 50001, dtype=torch.float64)
+    t = tent_fold(v)
+    assert float(t.min()) >= 0 and float(t.max()) <= 1
+    assert float(torch.diff(t).abs().max()) <= 2 * float(torch.diff(v).max()) + 1e-12  # Lipschitz 2: no jumps
+    torch.testing.assert_close(tent_fold(v + 1), t)
+    u = _stratified(20000).double()
+    for c in (0.0, 0.3, 0.618):
+        assert stats.kstest(tent_fold(u + c).numpy(), "uniform").statistic < 1e-3
+    c = fold_shifts(5, 4)
+    assert c.shape == (5, 4) and float(c[0].abs().max()) == 0.0 and float(c.min()) >= 0 and float(c.max()) < 1
+    # Between any two q the phase difference differs across p: a difference shared by every p would turn
+    # the whole vector (u_1..u_P) by one phase, and h would stay two-dimensional.
+    for q in range(5):
+        for r in range(q + 1, 5):
+            assert len({round(float(x), 6) for x in torch.frac(c[q] - c[r] + 1)}) == 4, (q, r)
+
+
+@pytest.mark.parametrize("kind", ["folded", "independent"])
+def test_distinct_input_layouts_are_exact_draws_from_each_pi_qp(kind: str) -> None:
+    prior = _prior("rbf", "gaussian", kind=kind, seed=7)
+    n = 3000
+    assert prior.u_dim == (prior.P if kind == "folded" else prior.Q * prior.P)
+    u = torch.rand(n, prior.u_dim, generator=torch.Generator().manual_seed(12))
+    z = prior.sample(u)
+    assert z.shape == (n, prior.Q, prior.P)
+    torch.testing.assert_close(prior.latent(z), z.sum(-1))
+    z = z.double().numpy()
+    grid, dense, dens = _dense_cdf(prior)
+    h = float(torch.diff(prior.knots).max())
+    for q in range(prior.Q):
+        for p in range(prior.P):
+            cdf = lambda x, q=q, p=p: np.interp(x, grid, dense[:, q, p])  # noqa: E731
+            assert stats.kstest(z[:, q, p], cdf).statistic < 1.63 / math.sqrt(n) + 0.05 * h * dens[:, q, p].max()
+
+
+def test_distinct_input_layouts_decorrelate_the_latent() -> None:
+    # Same energies for every q: the paper's layout gives h_q identical over q, the others do not.
+    n = 4000
+    corr = {}
+    for kind in ("univariate", "folded", "independent"):
+        prior = _prior("rbf", "gaussian", kind=kind, P=4, Q=6, seed=3)
+        with torch.no_grad():
+            for t in (prior.f.w_base, prior.f.w_sp, prior.f.coef):
+                t.copy_(t[:1].clone().expand_as(t))
+        h = prior.latent(prior.sample(torch.rand(n, prior.u_dim, generator=torch.Generator().manual_seed(4))))
+        c = np.corrcoef(h.T.double().numpy())
+        corr[kind] = float(np.abs(c[~np.eye(6, dtype=bool)]).max())
+    assert corr["univariate"] > 0.999
+    assert corr["independent"] < 0.1 and corr["folded"] < 0.8, corr

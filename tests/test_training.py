@@ -20,15 +20,41 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _digits(steps: int, seed: int = 3):
-    return with_overrides(get_preset("digits"), steps=steps, seed=seed)
+def _digits(steps: int, seed: int = 3, lr_schedule: str = "constant"):
+    return with_overrides(get_preset("digits"), steps=steps, seed=seed, lr_schedule=lr_schedule)
 
 
-def test_resume_is_bit_exact(tmp_path: Path) -> None:
-    # 60 uninterrupted steps vs 30 + resume to 60; a grid refit (step 50) falls after the resume.
-    full = train(_digits(60), tmp_path / "full", torch.device("cpu"), progress=False)
-    train(_digits(30), tmp_path / "split", torch.device("cpu"), progress=False)
-    resumed = train(_digits(60), tmp_path / "split", torch.device("cpu"), resume=True, progress=False)
+def test_lr_schedule_is_a_pure_function_of_the_step() -> None:
+    from training.train import lr_factor
+
+    tc = _digits(100, lr_schedule="cosine").train
+    assert lr_factor(tc, 0) == 1.0 and lr_factor(tc, 100) == pytest.approx(0.1)
+    assert lr_factor(tc, 50) == pytest.approx(0.55)
+    assert all(lr_factor(tc, i) >= lr_factor(tc, i + 1) for i in range(100))
+    assert lr_factor(_digits(100).train, 73) == 1.0  # constant: schema 1's behaviour
+
+
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_resume_is_bit_exact(tmp_path: Path, lr_schedule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 60 uninterrupted steps vs a 60-step run interrupted (Ctrl-C) after step 30 and resumed; a grid refit
+    # (step 50) falls after the resume, and the cosine schedule is planned over all 60 steps in both.
+    import training.train as loop
+
+    full = train(_digits(60, lr_schedule=lr_schedule), tmp_path / "full", torch.device("cpu"), progress=False)
+    fetch, calls = loop.fetch, [0]
+
+    def interrupted_fetch(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > 30:
+            raise KeyboardInterrupt
+        return fetch(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "fetch", interrupted_fetch)
+    with pytest.raises(KeyboardInterrupt):
+        train(_digits(60, lr_schedule=lr_schedule), tmp_path / "split", torch.device("cpu"), progress=False)
+    monkeypatch.setattr(loop, "fetch", fetch)
+    resumed = train(_digits(60, lr_schedule=lr_schedule), tmp_path / "split", torch.device("cpu"), resume=True,
+                    progress=False)
     a, b = load_checkpoint(full), load_checkpoint(resumed)
     assert a["step"] == b["step"] == 60
     assert a["model"].keys() == b["model"].keys()

@@ -3,6 +3,7 @@ PyTorch eager, onnxruntime and the real Triton server over gRPC."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,11 @@ from training.train import train
 pytestmark = pytest.mark.triton
 
 
-def test_seed_gives_same_image_eager_ort_triton(tmp_path: Path) -> None:
-    ckpt = train(with_overrides(get_preset("digits"), steps=40), tmp_path / "run", torch.device("cpu"),
-                 progress=False)
+@pytest.mark.parametrize("kind", ["univariate", "mixture"])  # the paper's layout; the fmnist/mnist presets' one
+def test_seed_gives_same_image_eager_ort_triton(tmp_path: Path, kind: str) -> None:
+    cfg = with_overrides(get_preset("digits"), steps=40)
+    cfg = replace(cfg, prior=replace(cfg.prior, kind=kind))
+    ckpt = train(cfg, tmp_path / "run", torch.device("cpu"), progress=False)
     report = export_checkpoint(ckpt, tmp_path / "repo", "kaem_digits", max_batch_size=16)
     model, _ = load_model(ckpt)
     seeds = list(range(500, 540))  # 40 seeds: the client splits them into 16 + 16 + 8

@@ -11,8 +11,6 @@ per seed, and the cost the sampling benchmark compares against KAEM's single pas
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -22,12 +20,9 @@ from training.decoder import build_decoder
 from training.kan import KANLayer
 from training.losses import POSTERIORS, LossFn, LossOutput, StepContext, noisy_loglik
 from training.model import KAEM, LatentImageModel
-from training.prior import sanitize_u
+from training.prior import normal_icdf
 
-
-def standard_normal(u: Tensor) -> Tensor:
-    """Φ⁻¹(u) elementwise, with u sanitised like the ITS inputs (NaN → 0.5, clamped into (0, 1))."""
-    return math.sqrt(2.0) * torch.erfinv(2.0 * sanitize_u(u) - 1.0)
+standard_normal = normal_icdf  # Φ⁻¹(u), u sanitised like the ITS inputs
 
 
 def _seeded_init(gen: torch.Generator, build):  # default PyTorch init, seeded, global RNG untouched
@@ -74,8 +69,12 @@ class VAE(LatentImageModel):
         mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar.clamp(-12.0, 8.0)
 
+    def latent_of_u(self, u: Tensor) -> Tensor:
+        """The prior draw z = Φ⁻¹(u) that the decoder sees (latent health)."""
+        return standard_normal(u)
+
     def generate(self, u: Tensor) -> Tensor:
-        return torch.sigmoid(self.decode(standard_normal(u)))
+        return torch.sigmoid(self.decode(self.latent_of_u(u)))
 
 
 class LatentEBM(LatentImageModel):

@@ -86,7 +86,7 @@ def compare(preset: str, steps: int, out: Path, models: list[str], n: int, poste
         ckpt_path = train_or_load(cfg, out / name, data_root, dev, progress)
         model, ckpt = load_model(ckpt_path, map_location=dev)
         report = evaluate(model, cfg.train.dataset, n, data_root=data_root, features=features, device=dev,
-                          progress=progress)
+                          ladder=False, progress=progress)  # the table's numbers only; kaem-eval adds the ladder
         label = MODEL_NAMES[name] + (f" ({cfg.posterior.kind.upper()})" if name == "kaem" else "")
         rows.append({
             "model": name, "name": label, "checkpoint": str(ckpt_path), "updates": int(ckpt["step"]),

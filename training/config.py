@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from training.uniforms import PRIOR_KINDS
+
 # Quadrature / ITS domain per reference measure (spec §3).
 PI0_DOMAINS: dict[str, tuple[float, float]] = {
     "uniform": (-0.1, 1.1),
@@ -27,7 +29,11 @@ ACTIVATIONS = ("silu", "leaky_relu", "gelu", "none")
 class PriorConfig:
     """The energy prior pi_{q,p}(z) ∝ exp(f_{q,p}(z)) pi0(z) and its quadrature."""
 
-    kind: str = "univariate"  # "univariate" (KART: h_q = Σ_p z_qp) | "mixture" (spec §1.2)
+    # Latent layout (kaem-model.md §1; docs/prior_designs.md): "univariate" = KART, u_p shared over q,
+    # h_q = Σ_p z_qp | "mixture" (spec §1.2): Q independent coordinates, each a mixture of P energies |
+    # "folded": KART with u_p read at a shifted tent fold per (q, p) | "independent": KART sums with
+    # one uniform per (q, p) (a deviation from the paper: u is Q·P wide).
+    kind: str = "univariate"
     P: int = 20  # inner inputs (uniforms per sample in the univariate prior)
     Q: int = 41  # outer functions = latent width fed to the decoder
     basis: str = "rbf"  # rbf | fft | cheby
@@ -73,7 +79,7 @@ class LikelihoodConfig:
     sigma_n: float = 0.1
 
 
-POSTERIOR_KINDS = ("is", "ula", "mala", "thermo")
+POSTERIOR_KINDS = ("is", "is_ula", "ula", "mala", "thermo")
 TI_RULES = ("trapezoid", "reference")
 
 
@@ -88,6 +94,7 @@ class PosteriorConfig:
     kind: str = "is"
     # Importance sampling (spec §5.3)
     n_samples: int = 100  # N_s prior proposals shared by the batch
+    cd_samples: int = 0  # fresh ITS samples for the CD prior term (0: N_s, the spec's count)
     resampler: str = "residual"  # residual | systematic | stratified
     ess_threshold: float = 0.5  # resample row b when ESS_b < threshold · N_s
     decoder_noise: bool = True  # pre-activation noise σ_n ε in the loss's likelihood terms
@@ -113,6 +120,7 @@ class PosteriorConfig:
 
 
 MODELS = ("kaem", "vae", "lebm")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,11 @@ class TrainConfig:
     batch_size: int = 100
     steps: int = 5000
     lr: float = 1e-3
+    # Learning-rate schedule over the planned steps: "constant" (schema 1) | "cosine": every group's lr
+    # follows lr·(r + (1 − r)·½(1 + cos(π·step/steps))) down to r = lr_final_ratio (the new reference
+    # snapshot decays its lr ×0.1 in steps, spec §5.7).
+    lr_schedule: str = "constant"
+    lr_final_ratio: float = 0.1
     optimizer: str = "adam"
     grad_clip: float = 0.0  # 0 = off
     grid_update_every: int = 100  # RBF grid refit interval in steps (spec §2.3); 0 = off
@@ -165,8 +178,16 @@ class TrainConfig:
     seed: int = 0
 
 
+# Version of the stored config layout. 1: configs written before the field existed (read as 1). 2: adds
+# schema_version itself, the prior kinds "folded" and "independent" and posterior.cd_samples. Every field
+# added after 1 defaults to the behaviour of 1, so a stored config always rebuilds the same model
+# (tests/fixtures/config_v1_fmnist.json is checked bit for bit).
+SCHEMA_VERSION = 2
+
+
 @dataclass(frozen=True)
 class KAEMConfig:
+    schema_version: int = SCHEMA_VERSION
     preset: str = "fmnist"
     model: str = "kaem"  # kaem | vae | lebm (the baselines share decoder, likelihood and training loop)
     prior: PriorConfig = field(default_factory=PriorConfig)
@@ -191,14 +212,19 @@ class KAEMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KAEMConfig:
-        return _from_dict(cls, d)
+        """Rebuild a stored config; one without ``schema_version`` is version 1, a newer one is refused."""
+        version = d.get("schema_version", 1)
+        if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
+            raise ValueError(f"config schema_version {version!r} is not one this software reads (1..{SCHEMA_VERSION}):"
+                             " upgrade kaem-serve")
+        return _from_dict(cls, {**d, "schema_version": version})
 
     def validate(self) -> None:
         p, dc = self.prior, self.decoder
         _check(self.model in MODELS, f"model {self.model!r} not in {'|'.join(MODELS)}")
         _check(self.baseline.energy_pi0 in ("gaussian", "none"), "baseline.energy_pi0 must be gaussian or none")
         _check(self.baseline.energy_basis in BASES, f"baseline.energy_basis not in {BASES}")
-        _check(p.kind in ("univariate", "mixture"), f"prior.kind {p.kind!r} not in univariate|mixture")
+        _check(p.kind in PRIOR_KINDS, f"prior.kind {p.kind!r} not in {'|'.join(PRIOR_KINDS)}")
         _check(p.basis in BASES, f"prior.basis {p.basis!r} not in {BASES}")
         _check(p.pi0 in PI0_KINDS, f"prior.pi0 {p.pi0!r} not in {PI0_KINDS}")
         _check(p.base_act in ACTIVATIONS, f"prior.base_act {p.base_act!r} not in {ACTIVATIONS}")
@@ -222,6 +248,8 @@ class KAEMConfig:
             f"posterior.resampler {po.resampler!r} not in residual|systematic|stratified",
         )
         _check(self.train.batch_size >= 1 and self.train.steps >= 0, "train.batch_size >= 1, steps >= 0")
+        _check(self.train.lr_schedule in LR_SCHEDULES, f"train.lr_schedule not in {'|'.join(LR_SCHEDULES)}")
+        _check(0 < self.train.lr_final_ratio <= 1, "train.lr_final_ratio must be in (0, 1]")
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -284,20 +312,27 @@ def _colour_train(dataset: str, lr: float) -> TrainConfig:
                        grid_update_until=8000, domain_update=True)
 
 
-# Fashion-MNIST / MNIST Langevin settings (the spec gives none): measured on 100 Fashion-MNIST
-# images with the shipped default model, 20 ULA steps at η = 3e-4 raise the mean data term from
-# −6,113 (prior draws) to −2,843 (η = 1e-3: −2,954 with chains reaching ±2.9; η = 1e-4: −3,138),
-# at ~28 ms per Langevin step for 100 chains on 2 cores. 20 steps (not 40) and N_t = 4
-# temperatures keep a ULA step near 0.65 s and a Thermo step near 3 s, so ~10-minute runs make a
-# few hundred updates. The domain follows the posterior chains (they leave the Gaussian's
-# [-1.2, 1.2]) during the grid-refit phase; none of this changes IS training.
-_GREY_POSTERIOR = PosteriorConfig(step_size=3e-4, langevin_steps=20, n_temps=4, power_start=1.0, power_end=6.0)
-_GREY_TRAIN = {"domain_update": True}
+# Fashion-MNIST / MNIST: the latent design chosen by measurement (docs/prior_designs.md). The paper's
+# KART layout trained by IS collapses to one effective direction (u_p shared over q, and "best of N_s
+# shared proposals" gives only the direction that picks the best proposal any signal): here every latent
+# coordinate is its own mixture of P energies (spec §1.2, 2Q uniforms) and the posterior is resample-move:
+# IS starts from the N_s = 100 shared proposals, then 5 ULA moves per image in the prior's noise space
+# (losses.is_ula_loss). η = 5e-5: on this σ = 0.1 likelihood 1e-4 and 2e-4 gave more generator dimensions
+# but worse FD-clf after 5 minutes (212-259 vs 199), 3e-4 in z overshoots (the data term falls from -1,228
+# to -2,336 in 5 moves). 40 updates of batch 100 take about 7 s on 2 cores, so 10,000 steps ≈ 30 min.
+# The Langevin settings also serve --posterior ula|mala|thermo (N_t = 4 temperatures); the quadrature
+# domain follows z-space chains during the grid-refit phase (is_ula's chains cannot leave it).
+_GREY_PRIOR = PriorConfig(kind="mixture")
+_GREY_POSTERIOR = PosteriorConfig(kind="is_ula", step_size=5e-5, langevin_steps=5, n_temps=4, power_start=1.0,
+                                  power_end=6.0)
+_GREY_TRAIN = {"domain_update": True, "steps": 10_000, "log_every": 100}
 
 PRESETS: dict[str, KAEMConfig] = {
-    # Fashion-MNIST, the default: new-snapshot MNIST config P=20, Q=41, KAN 41→82→784, IS N_s=100.
-    "fmnist": KAEMConfig(preset="fmnist", posterior=_GREY_POSTERIOR, train=TrainConfig(**_GREY_TRAIN)),
-    "mnist": KAEMConfig(preset="mnist", posterior=_GREY_POSTERIOR, train=TrainConfig(dataset="mnist", **_GREY_TRAIN)),
+    # Fashion-MNIST, the default: the new-snapshot MNIST sizes P=20, Q=41, KAN 41→82→784, N_s=100.
+    "fmnist": KAEMConfig(preset="fmnist", prior=_GREY_PRIOR, posterior=_GREY_POSTERIOR,
+                         train=TrainConfig(**_GREY_TRAIN)),
+    "mnist": KAEMConfig(preset="mnist", prior=_GREY_PRIOR, posterior=_GREY_POSTERIOR,
+                        train=TrainConfig(dataset="mnist", **_GREY_TRAIN)),
     # Tiny config for tests: 8×8 sklearn digits, small prior and decoder.
     "digits": KAEMConfig(
         preset="digits",
@@ -339,6 +374,43 @@ def get_preset(name: str) -> KAEMConfig:
 def with_model(cfg: KAEMConfig, model: str | None) -> KAEMConfig:
     """The preset with another model kind (kaem | vae | lebm); None keeps the preset's."""
     return cfg if model is None else replace(cfg, model=model)
+
+
+_SECTIONS = ("prior", "decoder", "likelihood", "posterior", "train", "baseline")
+
+
+def with_settings(cfg: KAEMConfig, settings: list[str]) -> KAEMConfig:
+    """Apply ``SECTION.FIELD=VALUE`` overrides (``posterior.n_samples=1000``), each value parsed as the
+    type of the field's current value (booleans: true/false; tuples: JSON lists)."""
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not sep or section not in _SECTIONS or not name:
+            raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of {', '.join(_SECTIONS)}")
+        sub = getattr(cfg, section)
+        if name not in {f.name for f in dataclasses.fields(sub)}:
+            names = ", ".join(f.name for f in dataclasses.fields(sub))
+            raise ValueError(f"--set {item!r}: {section} has no field {name!r}; it has {names}")
+        value = _parse_like(getattr(sub, name), raw.strip(), item)
+        cfg = replace(cfg, **{section: replace(sub, **{name: value})})
+    return cfg
+
+
+def _parse_like(current: Any, raw: str, item: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError("expected true or false")
+            return raw.lower() in ("true", "1")
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, tuple):
+            return _tupleize(json.loads(raw))
+        return raw
+    except (ValueError, json.JSONDecodeError) as err:
+        raise ValueError(f"--set {item!r}: {raw!r} is not a {type(current).__name__} ({err})") from err
 
 
 def with_overrides(cfg: KAEMConfig, **train_overrides: Any) -> KAEMConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,10 +19,12 @@ from training import metrics
 from training.checkpoint import CheckpointError, atomic_write, load_model
 from training.cli import HelpFormatter, UserError, resolve_device, user_errors
 from training.data import DataError, image_shape, load_dataset
-from training.features import classifier_features, describe, load_feature_net
+from training.features import FeatureNet, classifier_features, describe, load_feature_net
+from training.health import LatentHealth, latent_health
 from training.model import LatentImageModel
 
 Generate = Callable[[int], np.ndarray]  # n -> uint8 images [n, H, W, C]
+BLUR_SIGMAS = (0.0, 0.7, 1.0, 1.5)  # px: the rungs of the blur ladder
 
 
 def default_features_path(dataset: str) -> Path:
@@ -29,12 +32,13 @@ def default_features_path(dataset: str) -> Path:
 
 
 def real_images(dataset: str, n: int, root: str | Path | None = None, seed: int = 0,
-                batch: int = 1024) -> np.ndarray:
-    """uint8 ``[min(n, N_test), H, W, C]`` test images: all of them, or a seeded random subset in index order."""
+                batch: int = 1024, split: str = "test") -> np.ndarray:
+    """uint8 ``[min(n, N_split), H, W, C]`` images of a split: all of them, or a seeded random subset in
+    index order."""
     from training.images import to_uint8_nhwc
     from training.train import fetch
 
-    data = load_dataset(dataset, root, "test")
+    data = load_dataset(dataset, root, split)
     total = len(data)  # type: ignore[arg-type]
     idx = np.arange(total) if n >= total else np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
     chunks = [to_uint8_nhwc(fetch(data, idx[i : i + batch].tolist(), torch.device("cpu")))
@@ -62,6 +66,45 @@ def _feature_metrics(real: np.ndarray, fake: np.ndarray, suffix: str, kid_subset
     return out
 
 
+def blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    """uint8 images ``[N, H, W, C]`` blurred by a Gaussian of ``sigma`` px (kernel ±3σ, reflected edges),
+    rounded back to uint8 like generated images; σ = 0 returns them unchanged."""
+    if sigma <= 0:
+        return images
+    from torchvision.transforms.functional import gaussian_blur
+
+    k = 2 * math.ceil(3 * sigma) + 1
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    out = torch.cat([gaussian_blur(x[i : i + 2048], [k, k], [sigma, sigma]) for i in range(0, len(x), 2048)])
+    return torch.clamp(torch.floor(out + 0.5), 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def blur_ladder(net: FeatureNet, dataset: str, f_test: np.ndarray, n: int, data_root: str | Path | None,
+                seed: int, kid_subsets: int, kid_subset_size: int, batch: int = 256,
+                sigmas: Sequence[float] = BLUR_SIGMAS, progress: bool = True) -> list[dict[str, float]]:
+    """The scale every score is read against: ``n`` real *training* images blurred by σ px, scored like a
+    generator against the same test features ``f_test`` (σ = 0: the best a perfect generator can do
+    at this n; each further rung: real images that much blurrier)."""
+    train = real_images(dataset, n, data_root, seed, split="train")
+    rungs = []
+    for sigma in sigmas:
+        f_blur = classifier_features(net, blur(train, sigma), batch, f"classifier features (real, blur {sigma} px)",
+                                     progress)
+        rungs.append({"sigma": sigma, **_feature_metrics(f_test, f_blur, "_clf", kid_subsets, kid_subset_size, seed,
+                                                         pr=True)})
+    return rungs
+
+
+def blur_equivalent(fd: float, ladder: Sequence[dict[str, float]]) -> float | None:
+    """The blur σ (px) at which real images score this FD-clf, by linear interpolation between rungs;
+    None outside the ladder (better than σ = 0 or worse than its last rung)."""
+    pts = sorted((r["fd_clf"], r["sigma"]) for r in ladder)
+    for (f0, s0), (f1, s1) in zip(pts[:-1], pts[1:], strict=True):
+        if f0 <= fd <= f1:
+            return s0 if f1 == f0 else s0 + (s1 - s0) * (fd - f0) / (f1 - f0)
+    return None
+
+
 def _inf_subsets(kid_subsets: int) -> int:
     """KID subsets per point of the ∞ fit: a tenth of ``kid_subsets``, at least 10 (or all, if fewer)."""
     return min(kid_subsets, max(10, kid_subsets // 10))
@@ -85,13 +128,15 @@ def evaluate(model: LatentImageModel | None, dataset: str, n: int = 10_000, *, g
              inception_weights: str | Path | None = None, infinity: bool = False,
              infinity_ns: Sequence[int] | None = None, batch: int = 256, device: str | torch.device = "cpu",
              seed: int = 0, kid_subsets: int = 100, kid_subset_size: int = 1000,
-             progress: bool = True) -> dict[str, Any]:
+             ladder: bool = True, health: bool = True, progress: bool = True) -> dict[str, Any]:
     """Metrics of ``n`` generated images against up to ``n`` test images of ``dataset``; a flat JSON-able dict.
 
     ``generate(n)`` returns uint8 ``[n, H, W, C]`` (any generator); by default the
     ``model`` with seeds ``seed .. seed+n-1``. ``features``: classifier file (default features/<dataset>.pt).
     ``inception_weights``: adds FID/KID. ``infinity``: adds the ∞ versions, fitted over ``infinity_ns``
-    (default :func:`metrics.infinity_ns` of n). ``seed`` also picks the real subset and KID subsets."""
+    (default :func:`metrics.infinity_ns` of n). ``seed`` also picks the real subset and KID subsets.
+    ``ladder``: adds the blur ladder (real training images blurred by σ px, same metrics) and the
+    blur-equivalent σ of the FD-clf; ``health``: adds the model's latent health (training.health)."""
     from training.sample import sample_images
 
     if generate is None:
@@ -131,6 +176,16 @@ def evaluate(model: LatentImageModel | None, dataset: str, n: int = 10_000, *, g
         report.update(inf)
         curves.update(curve)
     times["classifier_metrics"] = time.perf_counter() - t0
+    if ladder:
+        t0 = time.perf_counter()
+        report["blur_ladder"] = blur_ladder(net, dataset, f_real, n, data_root, seed, kid_subsets, kid_subset_size,
+                                            batch, progress=progress)
+        report["fd_clf_blur_px"] = blur_equivalent(report["fd_clf"], report["blur_ladder"])
+        times["blur_ladder"] = time.perf_counter() - t0
+    if health and model is not None and hasattr(model, "latent_of_u"):
+        t0 = time.perf_counter()
+        report["latent_health"] = latent_health(model).to_dict()
+        times["latent_health"] = time.perf_counter() - t0
 
     # ---- Inception space (only with the user's weight file) ---------------------------------------------
     if inception is not None:
@@ -173,7 +228,26 @@ def summary(report: dict[str, Any]) -> str:
         parts.append(f"FID={report['fid']:.3f} KID={report['kid']:.5f}")
     labels = {"fd_clf_inf": "FD-clf∞", "kid_clf_inf": "KID-clf∞", "fid_inf": "FID∞", "kid_inf": "KID∞"}
     parts += [f"{label}={report[k]:.5g}" for k, label in labels.items() if k in report]
+    if report.get("fd_clf_blur_px") is not None:
+        parts.append(f"(FD-clf of real images blurred by {report['fd_clf_blur_px']:.2f} px)")
     return " ".join(parts)
+
+
+def details(report: dict[str, Any]) -> list[str]:
+    """The lines printed under the summary: the blur ladder every score is read against, then the latent
+    health with its warnings."""
+    lines = []
+    if "blur_ladder" in report:
+        lines.append(f"blur ladder: {report['n']} real training images blurred by σ px vs the same test images")
+        for r in report["blur_ladder"]:
+            lines.append(f"  σ={r['sigma']:.1f} px  FD-clf={r['fd_clf']:8.2f}  KID-clf={r['kid_clf']:9.4f}  "
+                         f"P-clf={r['precision_clf']:.3f}  R-clf={r['recall_clf']:.3f}")
+    if "latent_health" in report:
+        h = report["latent_health"]
+        health = LatentHealth(h["latent_pr"], tuple(h["latent_top3"]), h["gen_dim"], h["Q"])
+        lines.append(health.summary())
+        lines += [f"warning: {w}" for w in health.warnings()]
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--seed", type=int, default=0, help="first generator seed (seeds seed..seed+n-1); also picks "
                    "the real subset and KID subsets")
+    p.add_argument("--no-ladder", action="store_true",
+                   help="skip the blur ladder (real training images blurred by 0, 0.7, 1 and 1.5 px, scored the "
+                   "same way: the scale every number is read against)")
     p.add_argument("--out", required=True, help="JSON report to write")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -223,10 +300,12 @@ def main(argv: list[str] | None = None) -> int:
                            features=args.features, inception_weights=args.inception_weights,
                            infinity=args.infinity, batch=args.batch, device=device, seed=args.seed,
                            kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
-                           progress=not args.no_progress))
+                           ladder=not args.no_ladder, progress=not args.no_progress))
     report["wall_s"]["total"] = round(time.perf_counter() - t0, 3)
     out = write_json(report, args.out)
     print(f"{summary(report)} -> {out}")
+    for line in details(report):
+        print(line)
     return 0
 
 

@@ -21,7 +21,8 @@ from torch.profiler import record_function
 from training import samplers
 from training.config import PosteriorConfig
 from training.model import KAEM, LatentImageModel
-from training.resample import RESAMPLERS
+from training.prior import normal_cdf, normal_icdf, sanitize_u
+from training.resample import RESAMPLERS, inverse_cumsum
 
 
 @dataclass
@@ -42,59 +43,126 @@ class LossOutput:
 def importance_sampling_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
                              ctx: StepContext | None = None) -> LossOutput:
     """IS maximum likelihood with residual resampling (spec §5.3):
-    L = −[ Σ_s ω_{b,s}(log π̃(z_idx) + ℓ_{b,idx}) averaged over b − Ê_prior log π̃(z') ]."""
+    L = −[ Σ_s ω_{b,s}(log π̃(z_idx) + ℓ_{b,idx}) averaged over b − Ê_prior log π̃(z') ].
+
+    The B×N_s likelihoods that set the weights are computed forward only; the loss is then built from
+    the (b, proposal) pairs that carry weight after resampling (about one per image when the ESS is
+    ~1), so the decoder's backward, the decoder-noise likelihood's backward and the prior energies run
+    on those alone. Same draws, value and gradients as :func:`importance_sampling_loss_reference`."""
     prior, dev = model.prior, x.device
     B, S = x.shape[0], cfg.n_samples
 
-    # 1. N_s exact prior proposals shared by the batch, and N_s fresh ones for the CD term.
-    with torch.no_grad(), record_function("kaem.prior_its"):
-        cdf = prior.cdf_table()
-        z = prior.sample(torch.rand(S, prior.u_dim, generator=gen, device=dev), cdf)
-        z_prior = prior.sample(torch.rand(S, prior.u_dim, generator=gen, device=dev), cdf)
+    # 1. N_s exact prior proposals shared by the batch, and fresh ones for the CD term.
+    _, z, z_prior, _ = _proposals(model, S, cfg.cd_samples or S, gen, dev)
 
-    # 2. ℓ_{b,s} = log p(x_b | z_s) with fresh decoder noise per (b, s).
+    # 2. ℓ_{b,s} = log p(x_b | z_s) with fresh decoder noise per (b, s): forward only.
+    with torch.no_grad():
+        with record_function("kaem.decoder"):
+            logits = model.decode(z)
+        with record_function("kaem.likelihood"):
+            noise = _decoder_noise(model, cfg, (B, S, logits[0].numel()), gen, dev)
+            ell = model.log_likelihood(x, logits, noise)
+
+    # 3-6. Weights, ESS, resampling and the paper's ω; then the weight of proposal j in row b,
+    #      W_{b,j} = Σ_s ω_{b,s} [idx_{b,s} = j], and the pairs (b, j) where it is not zero.
+    with torch.no_grad(), record_function("kaem.resample"):
+        idx, omega, ess, resample = _resample(ell, gen, cfg)
+        W = torch.zeros_like(ell).scatter_add_(1, idx, omega)
+        b_k, j_k = W.nonzero(as_tuple=True)
+        used, pos = torch.unique(j_k, return_inverse=True)
+        w_k, w_used = W[b_k, j_k], W.sum(0)[used]
+        ell_post = (omega * ell.gather(1, idx)).sum(1)  # [B], for the logs
+
+    # 7. The loss on the weighted pairs, with gradients; the CD prior term over fresh ITS samples.
+    with record_function("kaem.decoder"):
+        logits_used = model.decode(z[used])
+    with record_function("kaem.likelihood"):
+        ell_k = model.log_likelihood_paired(x[b_k], logits_used[pos], None if noise is None else noise[b_k, j_k])
+    with record_function("kaem.prior_energy"):
+        logp_used = prior.log_prob(z[used], normalized=not cfg.contrastive)
+        prior_term = prior.log_prob(z_prior).mean() if cfg.contrastive else torch.zeros((), device=dev)
+    prior_post = (w_used * logp_used).sum() / B
+    loss = -((w_k * ell_k).sum() / B + prior_post - prior_term)
+    stats = _is_stats(model, x, loss, ell, ell_post, float(prior_post.detach()), prior_term, ess, resample)
+    return LossOutput(loss=loss, stats=stats, z=z)
+
+
+def importance_sampling_loss_reference(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
+                                       ctx: StepContext | None = None) -> LossOutput:
+    """The direct form of :func:`importance_sampling_loss`: every (b, s) likelihood and every proposal's
+    energy carry gradients. Kept as the definition the fast form is tested against, and as the
+    ``reference`` variant of benchmarks/train_step.py."""
+    prior, dev = model.prior, x.device
+    B, S = x.shape[0], cfg.n_samples
+    _, z, z_prior, _ = _proposals(model, S, cfg.cd_samples or S, gen, dev)
     with record_function("kaem.decoder"):
         logits = model.decode(z)
     with record_function("kaem.likelihood"):
-        noise = None
-        if cfg.decoder_noise and model.sigma_n > 0:
-            noise = torch.randn(B, S, logits[0].numel(), generator=gen, device=dev)
-        ell = model.log_likelihood(x, logits, noise)
-
-    # 3-5. Weights = likelihoods (the proposal is the prior); resample rows whose ESS is low.
+        ell = model.log_likelihood(x, logits, _decoder_noise(model, cfg, (B, S, logits[0].numel()), gen, dev))
     with torch.no_grad(), record_function("kaem.resample"):
-        w = torch.softmax(ell, dim=1)
-        ess = 1.0 / (w * w).sum(1)
-        resample = (ess < cfg.ess_threshold * S).unsqueeze(1)
-        v = torch.rand(B, S, generator=gen, device=dev)
-        keep = torch.arange(S, device=dev).expand(B, S)
-        idx = torch.where(resample, RESAMPLERS[cfg.resampler](w, v), keep)
-        # 6. Paper's rule: ω = 1/N_s after resampling, ω = w otherwise. (The reference applies a
-        #    softmax to the probabilities instead; spec §9 bug 3.)
-        omega = torch.where(resample, torch.full_like(w, 1.0 / S), w)
-
+        idx, omega, ess, resample = _resample(ell.detach(), gen, cfg)
     with record_function("kaem.prior_energy"):
         logp = prior.log_prob(z, normalized=not cfg.contrastive)  # [S]
-        # 7. Contrastive prior term over fresh ITS samples (exact, so no MCMC bias).
         prior_term = prior.log_prob(z_prior).mean() if cfg.contrastive else torch.zeros((), device=dev)
     ell_post = (omega * ell.gather(1, idx)).sum(1)  # [B]
     post = (omega * logp[idx]).sum(1) + ell_post
     loss = -(post.mean() - prior_term)
+    stats = _is_stats(model, x, loss, ell.detach(), ell_post.detach(), float((post.mean() - ell_post.mean()).detach()),
+                      prior_term, ess, resample)
+    return LossOutput(loss=loss, stats=stats, z=z)
 
+
+def _proposals(model: KAEM, n: int, n_cd: int, gen: torch.Generator, device: torch.device
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(u, z, z', cdf): n exact ITS prior draws z = F⁻¹(u) and n_cd fresh ones z' for the CD term (no
+    gradient), with the CDF table they were drawn from."""
+    prior = model.prior
+    with torch.no_grad(), record_function("kaem.prior_its"):
+        cdf = prior.cdf_table()
+        u = sanitize_u(torch.rand(n, prior.u_dim, generator=gen, device=device))
+        z = prior.sample(u, cdf)
+        z_prior = prior.sample(torch.rand(n_cd, prior.u_dim, generator=gen, device=device), cdf)
+    return u, z, z_prior, cdf
+
+
+def _decoder_noise(model: LatentImageModel, cfg: PosteriorConfig, shape: tuple[int, ...], gen: torch.Generator,
+                   device: torch.device) -> Tensor | None:
+    """ε ~ N(0, I) for the pre-activation noise σ_n ε of the loss's likelihood terms, when configured."""
+    if cfg.decoder_noise and model.sigma_n > 0:
+        return torch.randn(*shape, generator=gen, device=device)
+    return None
+
+
+def _resample(ell: Tensor, gen: torch.Generator, cfg: PosteriorConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Spec §5.3 steps 3-6 on ℓ[B, S]: weights = likelihoods (the proposal is the prior), rows whose
+    ESS < threshold·N_s are resampled. Returns (idx[B, S], ω[B, S], ESS[B], resampled[B, 1])."""
+    B, S = ell.shape
+    w = torch.softmax(ell, dim=1)
+    ess = 1.0 / (w * w).sum(1)
+    resample = (ess < cfg.ess_threshold * S).unsqueeze(1)
+    v = torch.rand(B, S, generator=gen, device=ell.device)
+    keep = torch.arange(S, device=ell.device).expand(B, S)
+    idx = torch.where(resample, RESAMPLERS[cfg.resampler](w, v), keep)
+    # Paper's rule: ω = 1/N_s after resampling, ω = w otherwise. (The reference applies a softmax
+    # to the probabilities instead; spec §9 bug 3.)
+    omega = torch.where(resample, torch.full_like(w, 1.0 / S), w)
+    return idx, omega, ess, resample
+
+
+def _is_stats(model: KAEM, x: Tensor, loss: Tensor, ell: Tensor, ell_post: Tensor, prior_post: float,
+              prior_term: Tensor, ess: Tensor, resample: Tensor) -> dict[str, float]:
     with torch.no_grad():
         n_pix = x[0].numel()
-        log_px = samplers.importance_log_evidence(ell)  # IS estimate of log p(x) (+ const)
-        stats = {
+        return {
             "loss": float(loss),
             "loglik": float(ell_post.mean()),
-            "log_px": float(log_px.mean()),
+            "log_px": float(samplers.importance_log_evidence(ell).mean()),  # IS estimate of log p(x) (+ const)
             "rmse": float(torch.sqrt(torch.clamp(-ell_post.mean() * 2 * model.sigma**2 / n_pix, min=0))),
             "ess": float(ess.mean()),
             "resampled": float(resample.float().mean()),
-            "prior_post": float(post.mean() - ell_post.mean()),
+            "prior_post": prior_post,
             "prior_prior": float(prior_term),
         }
-    return LossOutput(loss=loss, stats=stats, z=z)
 
 
 # ---- Langevin-family estimators (spec §5.4-5.5) ------------------------------------------------
@@ -125,10 +193,7 @@ def _log_lik_fn(model: KAEM, x: Tensor) -> samplers.LogTarget:
 def noisy_loglik(model: LatentImageModel, x: Tensor, z: Tensor, gen: torch.Generator, cfg: PosteriorConfig) -> Tensor:
     """ℓ(x_b | z_b) with fresh decoder noise when configured: the loss's data term, [B]."""
     logits = model.decode(z)
-    noise = None
-    if cfg.decoder_noise and model.sigma_n > 0:
-        noise = torch.randn(logits.shape[0], logits[0].numel(), generator=gen, device=x.device)
-    return model.log_likelihood_paired(x, logits, noise)
+    return model.log_likelihood_paired(x, logits, _decoder_noise(model, cfg, logits.flatten(1).shape, gen, x.device))
 
 
 def _posterior_loss(model: KAEM, x: Tensor, z_post: Tensor, z_prior: Tensor, ell: Tensor, cfg: PosteriorConfig,
@@ -167,6 +232,49 @@ def ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
     loss, stats = _posterior_loss(model, x, z, z_prior, ell, cfg)
     stats["eta"] = cfg.step_size
     return LossOutput(loss=loss, stats=stats, z=z)
+
+
+def is_ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
+                ctx: StepContext | None = None) -> LossOutput:
+    """Resample-move in the prior's noise space (IS, then Langevin; spec §5.3 + §5.4).
+
+    Every prior draw is z = F⁻¹(u) with u = Φ(ε), ε ~ N(0, I): in ε the prior is exactly N(0, I) and
+    the posterior is p(ε | x) ∝ N(ε; 0, I)·p(x | z(ε)). Each image draws its chain start from the N_s
+    shared proposals by their importance weights (the likelihoods), then ``langevin_steps`` ULA moves
+    on log N(ε) + log p(x | z(ε)) refine it, and the loss of §5.2 is taken at z = F⁻¹(Φ(ε_K)). The
+    chains never leave the prior's support (no quadrature-domain drift), and unlike IS alone (ESS ~ 1:
+    only the direction that picks the best proposal carries signal) every latent direction gets a
+    gradient of the image. Mixture: the component-selection uniforms stay those of the start."""
+    prior, dev = model.prior, x.device
+    B, S = x.shape[0], cfg.n_samples
+    its = prior.u_dim - prior.its_dim  # first ITS column of u
+    u, z, z_prior, cdf = _proposals(model, S, cfg.cd_samples or B, gen, dev)
+    with torch.no_grad():
+        with record_function("kaem.decoder"):
+            ell_is = model.log_likelihood(x, model.decode(z), None)  # [B, S]; weights w = softmax(ℓ)
+        w = torch.softmax(ell_is, dim=1)
+        start = inverse_cumsum(torch.cumsum(w, 1), torch.rand(B, 1, generator=gen, device=dev)).squeeze(1)
+        u0 = u[start]
+        eps0 = normal_icdf(u0[:, its:])
+
+    def z_of(eps: Tensor) -> Tensor:
+        return prior.sample(torch.cat([u0[:, :its], normal_cdf(eps)], dim=1), cdf)
+
+    def log_target(eps: Tensor) -> Tensor:  # log N(ε; 0, I) + ℓ(x_b | z(ε_b)), decoder noise off
+        return -0.5 * (eps * eps).sum(1) + model.log_likelihood_paired(x, model.decode(z_of(eps)))
+
+    with record_function("kaem.langevin"):
+        eps = samplers.ula(log_target, eps0, cfg.step_size, cfg.langevin_steps, gen)
+    with torch.no_grad():
+        z_post = z_of(eps)
+    with record_function("kaem.decoder"):
+        ell = noisy_loglik(model, x, z_post, gen, cfg)
+    loss, stats = _posterior_loss(model, x, z_post, z_prior, ell, cfg)
+    with torch.no_grad():
+        stats.update(ess=float((1.0 / (w * w).sum(1)).mean()), eta=cfg.step_size,
+                     loglik_start=float(ell_is.gather(1, start.unsqueeze(1)).mean()),
+                     move=float((eps - eps0).norm(dim=1).mean()))
+    return LossOutput(loss=loss, stats=stats, z=z_post)
 
 
 def mala_initial_step(cfg: PosteriorConfig) -> float:
@@ -241,9 +349,14 @@ def thermo_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
     return LossOutput(loss=loss, stats=stats, z=z_post)
 
 
+# Estimators whose chains move z itself and can leave the quadrature domain: under training.domain_update
+# the domain follows them. (is_ula moves the prior's noise ε, so its z never leaves the domain.)
+CHAINS_IN_Z = ("ula", "mala", "thermo")
+
 LossFn = Callable[[KAEM, Tensor, torch.Generator, PosteriorConfig, StepContext | None], LossOutput]
 POSTERIORS: dict[str, LossFn] = {
     "is": importance_sampling_loss,
+    "is_ula": is_ula_loss,
     "ula": ula_loss,
     "mala": mala_loss,
     "thermo": thermo_loss,

@@ -70,9 +70,13 @@ class KAEM(LatentImageModel):
         """Pre-sigmoid decoder output g_Φ(h(z)), [B, C, H, W]."""
         return self.decoder(self.prior.latent(z))
 
+    def latent_of_u(self, u: Tensor, cdf: Tensor | None = None) -> Tensor:
+        """Decoder input h[B, Q] of the uniforms ``u[B, D]`` (differentiable in u: latent health)."""
+        return self.prior.latent(self.prior.sample(u, cdf))
+
     def generate(self, u: Tensor, cdf: Tensor | None = None) -> Tensor:
         """Single forward pass u → x = sigmoid(g_Φ(h(F⁻¹(u)))) in [0, 1], [B, C, H, W], no noise."""
-        return torch.sigmoid(self.decode(self.prior.sample(u, cdf)))
+        return torch.sigmoid(self.decoder(self.latent_of_u(u, cdf)))
 
     def log_likelihood(self, x: Tensor, logits: Tensor, noise: Tensor | None) -> Tensor:
         """ℓ_{b,s} = −||x_b − sigmoid(g_s + σ_n ε_{b,s})||² / (2σ²) for all pairs, [B, S].
@@ -84,8 +88,11 @@ class KAEM(LatentImageModel):
         if noise is None:
             xhat = torch.sigmoid(g)
             sq = (xb * xb).sum(1, keepdim=True) - 2 * xb @ xhat.T + (xhat * xhat).sum(1)
-        else:
+        elif torch.is_grad_enabled() and g.requires_grad:
             return _NoisyGaussianLogLik.apply(xb, g, noise, self.sigma_n, self.sigma)
+        else:  # forward only (importance weights): one [B, S, D] buffer, updated in place
+            t = torch.addcmul(g.unsqueeze(0), noise, torch.tensor(self.sigma_n, dtype=g.dtype)).sigmoid_()
+            sq = torch.linalg.vector_norm(t.sub_(xb.unsqueeze(1)), dim=-1).square_()
         return -sq / (2 * self.sigma**2)
 
 

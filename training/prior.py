@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from training.config import PriorConfig
 from training.kan import EnergyBank
+from training.uniforms import u_layout
 
 # NaN becomes 0.5 and u is clamped into [U_EPS, 1 - U_EPS] before inversion (spec §9).
 U_EPS = 1e-6
@@ -71,6 +72,31 @@ def sanitize_u(u: Tensor) -> Tensor:
     return torch.clamp(u, U_EPS, 1.0 - U_EPS)
 
 
+def normal_icdf(u: Tensor) -> Tensor:
+    """Φ⁻¹(u) elementwise, u sanitised first (NaN → 0.5, clamped into (0, 1))."""
+    return math.sqrt(2.0) * torch.erfinv(2.0 * sanitize_u(u) - 1.0)
+
+
+def normal_cdf(eps: Tensor) -> Tensor:
+    """Φ(ε) elementwise."""
+    return 0.5 * (1.0 + torch.erf(eps / math.sqrt(2.0)))
+
+
+def fold_shifts(Q: int, P: int) -> Tensor:
+    """Shifts c_{q,p} = frac(q·α_p) with α_p = frac((p + 1)·φ⁻¹) of the "folded" layout: every p turns
+    at its own golden-ratio frequency over q (the theorem's shifted inner functions, ψ(u_p + q·a), with a
+    per-p a). A shift additive in q and p would turn all p by the same phase and leave h two-dimensional."""
+    alpha = torch.frac(torch.arange(1, P + 1, dtype=torch.float64) * ((math.sqrt(5.0) - 1.0) / 2.0))
+    q = torch.arange(Q, dtype=torch.float64).unsqueeze(1)
+    return torch.frac(q * alpha).to(torch.float32)
+
+
+def tent_fold(v: Tensor) -> Tensor:
+    """1 − |2·frac(v) − 1|: continuous, 1-periodic, and maps U(0, 1) onto U(0, 1), so z_{q,p} =
+    F⁻¹_{q,p}(fold(u_p + c_{q,p})) is still an exact draw from π_{q,p} (a plain frac(u + c) would jump)."""
+    return 1.0 - torch.abs(2.0 * (v - torch.floor(v)) - 1.0)
+
+
 def count_below(table: Tensor, value: Tensor) -> Tensor:
     """#{j : table_j < value} over the last axis, as int64. Summed in float32 then cast: the int64
     sum runs ~5x slower in onnxruntime with identical output (environment.md)."""
@@ -120,7 +146,7 @@ class EnergyPrior(nn.Module):
         self.kind, self.P, self.Q = cfg.kind, cfg.P, cfg.Q
         a, b = cfg.domain
         # In the mixture case each latent q has P components: inputs Q, outputs P (spec §2).
-        fan_in, fan_out = (cfg.P, cfg.Q) if cfg.kind == "univariate" else (cfg.Q, cfg.P)
+        fan_in, fan_out = (cfg.Q, cfg.P) if cfg.kind == "mixture" else (cfg.P, cfg.Q)
         self.f = EnergyBank((cfg.Q, cfg.P), cfg.basis, cfg.grid_size, (a, b), cfg.base_act,
                             fan_in, fan_out, cfg.init_eps_scale, gen)
         self.register_buffer("nodes", torch.empty(cfg.n_quad))
@@ -128,6 +154,8 @@ class EnergyPrior(nn.Module):
         self.register_buffer("knots", torch.empty(cfg.n_quad + 1))
         self.register_buffer("domain", torch.tensor([a, b], dtype=torch.float32))
         self.set_domain(a, b)
+        if cfg.kind == "folded":  # per-(q, p) shifts of the inner inputs; a constant, rebuilt from the config
+            self.register_buffer("fold_shift", fold_shifts(cfg.Q, cfg.P), persistent=False)
         # Mixture proportions α = 1/P, not trained in any shipped config (spec §1.2).
         log_alpha = torch.full((cfg.Q, cfg.P), -math.log(cfg.P))
         self.register_buffer("log_alpha", log_alpha)
@@ -135,7 +163,13 @@ class EnergyPrior(nn.Module):
 
     @property
     def u_dim(self) -> int:
-        return self.P if self.kind == "univariate" else 2 * self.Q
+        return u_layout(self.kind, self.P, self.Q)[0]
+
+    @property
+    def its_dim(self) -> int:
+        """Columns of ``u`` that are inverted (the last ones; before them, the mixture's selection uniforms)."""
+        d, start = u_layout(self.kind, self.P, self.Q)
+        return d - start
 
     @torch.no_grad()
     def set_domain(self, a: float, b: float) -> None:
@@ -177,6 +211,10 @@ class EnergyPrior(nn.Module):
         u = sanitize_u(u)
         if self.kind == "univariate":
             return inverse_cdf(cdf, self.knots, u.unsqueeze(1).expand(-1, self.Q, -1))
+        if self.kind == "folded":
+            return inverse_cdf(cdf, self.knots, sanitize_u(tent_fold(u.unsqueeze(1) + self.fold_shift)))
+        if self.kind == "independent":
+            return inverse_cdf(cdf, self.knots, u.view(-1, self.Q, self.P))
         v, w = u[:, : self.Q], u[:, self.Q :]
         # Component p* = #{p : cumsum(α_q)_p < v} (compare-and-count), then invert its CDF row.
         p_star = torch.clamp(count_below(self.cum_alpha, v), 0, self.P - 1)
@@ -185,8 +223,8 @@ class EnergyPrior(nn.Module):
         return inverse_cdf(rows, self.knots, w)
 
     def latent(self, z: Tensor) -> Tensor:
-        """Decoder input h[B, Q]: h_q = Σ_p z_{q,p} (univariate) or z_q itself (mixture)."""
-        return z.sum(-1) if self.kind == "univariate" else z
+        """Decoder input h[B, Q]: h_q = Σ_p z_{q,p} (KART layouts) or z_q itself (mixture)."""
+        return z if self.kind == "mixture" else z.sum(-1)
 
     def log_prob(self, z: Tensor, normalized: bool = False, log_z: Tensor | None = None) -> Tensor:
         """log pi(z) per sample, [B]. Univariate: Σ_{q,p} f + log pi0 (− log Z when normalised).
@@ -194,7 +232,7 @@ class EnergyPrior(nn.Module):
         The mixture is always normalised with the differentiable quadrature log Z and logsumexp
         over components (spec §9: the reference's Z = 1 shortcut is only right for equal masses).
         ``log_z`` [Q, P] reuses a precomputed log Z (Langevin loops: it does not depend on z)."""
-        if self.kind == "univariate":
+        if self.kind != "mixture":
             lp = self.f(z) + self.log_pi0(z)
             if normalized:
                 lp = lp - (self.log_normalizer() if log_z is None else log_z)
@@ -216,5 +254,5 @@ class EnergyPrior(nn.Module):
     @torch.no_grad()
     def refit_grid(self, z: Tensor) -> None:
         """Refit the RBF grids of the energies from prior/posterior samples z (spec §2.3)."""
-        zz = z if self.kind == "univariate" else z.unsqueeze(-1).expand(*z.shape, self.P)
+        zz = z if self.kind != "mixture" else z.unsqueeze(-1).expand(*z.shape, self.P)
         self.f.refit_grid(zz.reshape(-1, self.Q, self.P))

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 
-def _inverse_cumsum(cum: Tensor, v: Tensor) -> Tensor:
+def inverse_cumsum(cum: Tensor, v: Tensor) -> Tensor:
     """k*_n = the s with cum_{s-1} ≤ v_n < cum_s, i.e. #{s : cum_s ≤ v_n}. cum[B, N], v[B, M] in [0, 1).
 
     The sum is renormalised so it ends at exactly 1 > v, and ``≤`` means a zero-weight s (cum_{s-1}
@@ -30,7 +30,7 @@ def residual(w: Tensor, v: Tensor) -> Tensor:
     det_idx = torch.clamp((torch.cumsum(r, -1).unsqueeze(1) <= slot.unsqueeze(-1)).sum(-1), max=n - 1)
     rem = n - n_det
     resid = (n * w - r) / torch.where(rem > 0, rem, torch.ones_like(rem))
-    res_idx = _inverse_cumsum(torch.cumsum(resid, -1), v)
+    res_idx = inverse_cumsum(torch.cumsum(resid, -1), v)
     return torch.where(slot < n_det, det_idx, res_idx)
 
 
@@ -38,14 +38,14 @@ def systematic(w: Tensor, v: Tensor) -> Tensor:
     """One uniform per row (``v[B, 1]`` or the first column of ``v``): v_n = (U + n)/N."""
     n = w.shape[-1]
     pts = (v[:, :1] + torch.arange(n, device=w.device, dtype=w.dtype)) / n
-    return _inverse_cumsum(torch.cumsum(w, -1), pts)
+    return inverse_cumsum(torch.cumsum(w, -1), pts)
 
 
 def stratified(w: Tensor, v: Tensor) -> Tensor:
     """One uniform per slot: v_n = (U_n + n)/N."""
     n = w.shape[-1]
     pts = (v + torch.arange(n, device=w.device, dtype=w.dtype)) / n
-    return _inverse_cumsum(torch.cumsum(w, -1), pts)
+    return inverse_cumsum(torch.cumsum(w, -1), pts)
 
 
 RESAMPLERS = {"residual": residual, "systematic": systematic, "stratified": stratified}

@@ -39,18 +39,23 @@ from training.config import (
     PI0_KINDS,
     POSTERIOR_KINDS,
     PRESETS,
+    PRIOR_KINDS,
     KAEMConfig,
+    TrainConfig,
     get_preset,
     with_model,
     with_overrides,
+    with_settings,
 )
-from training.losses import StepContext
+from training.health import LatentHealth, latent_health
+from training.losses import CHAINS_IN_Z, StepContext
 from training.model import KAEM, LatentImageModel
 from training.uniforms import step_generator
 
 GRID_STREAM = 0x6772_6964  # rank slot for grid-refit noise: identical on every rank keeps DDP in sync
 KEEP_CHECKPOINTS = 3
-PROGRESS_KEYS = ("ess", "accept", "eta", "swap_rate")  # sampler health on the progress line, when present
+# Sampler and latent health on the progress line, when present.
+PROGRESS_KEYS = ("ess", "accept", "eta", "swap_rate", "latent_pr", "gen_dim")
 
 
 class LossModule(nn.Module):
@@ -126,6 +131,24 @@ def refit_from_posterior(model: LatentImageModel, z: Tensor, domain_update: bool
     model.prior.refit_grid(z)
     model.decoder.refit_grid(model.prior.latent(z))
     return domain
+
+
+def lr_factor(tc: TrainConfig, step: int) -> float:
+    """Multiplier of every group's base learning rate at ``step`` (a pure function: resume needs no state)."""
+    if tc.lr_schedule == "constant" or tc.steps <= 0:
+        return 1.0
+    r = tc.lr_final_ratio
+    return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * min(step, tc.steps) / tc.steps))
+
+
+def _warn_health(health: LatentHealth, step: int, warned: bool) -> bool:
+    """Print the latent-health warnings when the model becomes flagged (not at every log line); returns
+    whether it is flagged now."""
+    problems = health.warnings()
+    if problems and not warned:
+        for w in problems:
+            tqdm.write(f"warning (step {step}): {w}", file=sys.stderr)
+    return bool(problems)
 
 
 def gather_ranks(t: Tensor, world: int) -> Tensor:
@@ -208,6 +231,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
     if tc.optimizer != "adam":
         raise UserError(f"optimizer {tc.optimizer!r} is not available; use adam")
     opt = torch.optim.Adam(model.param_groups(tc.lr))
+    base_lrs = [g["lr"] for g in opt.param_groups]
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -239,6 +263,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
                dynamic_ncols=True, mininterval=1.0)
     acc: dict[str, float] = {}
     n_acc, t_window, completed = 0, time.perf_counter(), start
+    warned = False
     t_start = time.perf_counter()
     seconds_before = float(train_state.get("train_seconds", 0.0))
     final = latest
@@ -254,6 +279,8 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
                 train_state["grid_interval"] *= tc.grid_update_growth
                 train_state["next_grid_update"] = step + max(1, round(train_state["grid_interval"]))
 
+            for group, lr in zip(opt.param_groups, base_lrs, strict=True):
+                group["lr"] = lr * lr_factor(tc, step)
             x = fetch(dataset, batches(step), device)
             ctx = StepContext(step=step, total_steps=tc.steps, carry=carry)
             loss, stats, z_post, new_carry = loss_module(x, step_generator(tc.seed, step, rank, device), ctx)
@@ -269,7 +296,8 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
                 train_state["carry"] = {k: gather_ranks(v, world).cpu() for k, v in new_carry.items()}
                 carry = {k: v.detach() for k, v in new_carry.items()}
             if refit and langevin and z_post is not None:
-                refit_from_posterior(model, gather_ranks(z_post.detach(), world).flatten(0, 1), tc.domain_update)
+                refit_from_posterior(model, gather_ranks(z_post.detach(), world).flatten(0, 1),
+                                     tc.domain_update and (cfg.model != "kaem" or cfg.posterior.kind in CHAINS_IN_Z))
 
             # Logging (rank 0): averages over the window, images/s over all ranks.
             for k, v in stats.items():
@@ -280,13 +308,18 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
             if is_main and (step == start or done % tc.log_every == 0 or done == tc.steps or stop):
                 dt = time.perf_counter() - t_window
                 rec = {"step": done, **{k: v / n_acc for k, v in acc.items()},
+                       **({"lr_factor": lr_factor(tc, step)} if tc.lr_schedule != "constant" else {}),
                        "images_per_s": n_acc * tc.batch_size * world / max(dt, 1e-9), "time": time.time()}
-                if langevin and tc.domain_update and cfg.model == "kaem":
+                if langevin and tc.domain_update and cfg.model == "kaem" and cfg.posterior.kind in CHAINS_IN_Z:
                     rec["domain"] = [round(v, 5) for v in model.prior.domain.tolist()]
+                health = latent_health(model) if hasattr(model, "latent_of_u") else None
+                if health is not None:
+                    rec.update(latent_pr=health.latent_pr, gen_dim=health.gen_dim, latent_top3=list(health.latent_top3))
+                    warned = _warn_health(health, done, warned)
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.1f}", loglik=f"{rec['loglik']:.1f}",
-                                **{k: f"{rec[k]:.3g}" for k in PROGRESS_KEYS if k in rec},
+                                **{k: f"{rec[k]:.3g}" for k in PROGRESS_KEYS if rec.get(k) is not None},
                                 img_s=f"{rec['images_per_s']:.0f}", refresh=False)
                 acc, n_acc, t_window = {}, 0, time.perf_counter()
             bar.update(1)
@@ -336,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "settings)")
     p.add_argument("--pi0", choices=PI0_KINDS, default=None,
                    help="KAEM's reference measure π₀ (spec §3; sets its quadrature domain); default: the preset's")
+    p.add_argument("--prior", choices=PRIOR_KINDS, default=None,
+                   help="KAEM's latent layout (docs/prior_designs.md): univariate (the paper's KART, u_p shared "
+                   "over q), mixture (Q independent coordinates, each a mixture of P energies), folded (KART "
+                   "with a shifted tent fold of u_p per (q, p)), independent (KART sums of Q·P independent "
+                   "draws; a deviation from the paper); default: the preset's")
     p.add_argument("--posterior", choices=POSTERIOR_KINDS, default=None,
                    help="posterior estimator: is (importance sampling), ula (Langevin), mala (MALA with "
                    "autoMALA step sizes), thermo (population annealing + thermodynamic integration); "
@@ -350,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-time budget: stop after this many minutes, checkpoint and write samples as usual "
                    "(schedules still assume --steps)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any config field, e.g. --set posterior.n_samples=1000 --set posterior.step_size=1e-3 "
+                   "(repeatable; applied after the other flags; --dry-run shows the result)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--samples", type=int, default=64, help="images in the final samples.png (0: none)")
@@ -371,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, posterior=replace(cfg.posterior, kind=args.posterior))
     if args.pi0 is not None:
         cfg = replace(cfg, prior=replace(cfg.prior, pi0=args.pi0))
-    cfg = with_model(cfg, args.model)
+    if args.prior is not None:
+        cfg = replace(cfg, prior=replace(cfg.prior, kind=args.prior))
+    cfg = with_settings(with_model(cfg, args.model), args.set)
     if cfg.model != "kaem" and args.posterior is not None:
         raise UserError(f"--posterior applies to KAEM only; the {MODEL_NAMES[cfg.model]} has its own objective")
     cfg.validate()

@@ -79,14 +79,20 @@ def step_generator(seed: int, step: int, rank: int = 0, device: str | torch.devi
 # Layout of u and quantile steering
 
 
+PRIOR_KINDS = ("univariate", "mixture", "folded", "independent")
+
+
 def u_layout(prior_kind: str, P: int, Q: int) -> tuple[int, int]:
-    """(D, first ITS column) of the served ``u``: univariate ``[P]`` (all ITS, shared over q);
-    mixture ``[2Q]`` = Q component-selection uniforms, then Q ITS uniforms."""
-    if prior_kind == "univariate":
+    """(D, first ITS column) of the served ``u``: univariate and folded ``[P]`` (all ITS, shared over q);
+    independent ``[Q·P]`` (one ITS uniform per (q, p), q-major); mixture ``[2Q]`` = Q
+    component-selection uniforms, then Q ITS uniforms."""
+    if prior_kind in ("univariate", "folded"):
         return P, 0
+    if prior_kind == "independent":
+        return Q * P, 0
     if prior_kind == "mixture":
         return 2 * Q, Q
-    raise ValueError(f"unknown prior kind {prior_kind!r}; expected 'univariate' or 'mixture'")
+    raise ValueError(f"unknown prior kind {prior_kind!r}; expected one of {', '.join(PRIOR_KINDS)}")
 
 
 def truncate(u: np.ndarray, truncation: float, its_start: int) -> np.ndarray:

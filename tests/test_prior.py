@@ -529,6 +529,36 @@ def test_eager_binary_search_matches_compare_and_count() -> None:
     assert torch.equal(_bucket(rows, v), count_below(rows, v))
 
 
+def test_row_indexed_inversion_equals_gathered_rows_bit_for_bit() -> None:
+    # The mixture's eager path searches all rows at once (offset by 2r in float64); the graph gathers the
+    # chosen rows and counts. Same z to the bit, ties, CDF values and both ends included.
+    from training.prior import inverse_cdf_rows
+
+    g = torch.Generator().manual_seed(5)
+    m = torch.rand(12, 30, generator=g)
+    m[:, 4:9] = 0.0
+    c = torch.cumsum(m, -1)
+    table = torch.cat([torch.zeros(12, 1), c / c[:, -1:]], -1)  # [rows, N+1]
+    knots = torch.linspace(-1.2, 1.2, 31)
+    row = torch.randint(0, 12, (200, 5), generator=g)
+    u = torch.rand(200, 5, generator=g)
+    u[0] = table[row[0], 6]  # exactly on a tie
+    u[1] = table[row[1], 17]
+    u[2], u[3] = U_EPS, 1 - U_EPS
+    torch.testing.assert_close(inverse_cdf_rows(table, knots, row, u), inverse_cdf(table[row], knots, u), rtol=0,
+                               atol=0)
+    prior = _prior("rbf", "gaussian", kind="mixture", P=3, Q=4, seed=2)
+    uu = torch.rand(64, prior.u_dim, generator=g)
+    with torch.no_grad():
+        cdf = prior.cdf_table()
+        rows = cdf.reshape(prior.Q * prior.P, -1)
+        v, w = uu[:, : prior.Q], sanitize_u(uu[:, prior.Q :])
+        from training.prior import count_below
+
+        pick = torch.arange(prior.Q) * prior.P + torch.clamp(count_below(prior.cum_alpha, v), 0, prior.P - 1)
+        assert torch.equal(prior.sample(uu, cdf), inverse_cdf(rows[pick], prior.knots, w))
+
+
 # ----------------------------------------------------------------------------------------------
 # KART layouts with distinct inner inputs: "folded" (shifted tent folds of the shared u_p) and
 # "independent" (one uniform per (q, p))

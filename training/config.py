@@ -323,8 +323,8 @@ def _colour_train(dataset: str, lr: float) -> TrainConfig:
 # The Langevin settings also serve --posterior ula|mala|thermo (N_t = 4 temperatures); the quadrature
 # domain follows z-space chains during the grid-refit phase (is_ula's chains cannot leave it).
 _GREY_PRIOR = PriorConfig(kind="mixture")
-_GREY_POSTERIOR = PosteriorConfig(kind="is_ula", step_size=5e-5, langevin_steps=5, n_temps=4, power_start=1.0,
-                                  power_end=6.0)
+_GREY_POSTERIOR = PosteriorConfig(kind="is_ula", n_samples=1000, step_size=5e-5, langevin_steps=5, n_temps=4,
+                                  power_start=1.0, power_end=6.0)
 _GREY_TRAIN = {"domain_update": True, "steps": 10_000, "log_every": 100}
 
 PRESETS: dict[str, KAEMConfig] = {

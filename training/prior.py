@@ -130,7 +130,27 @@ def inverse_cdf(cdf: Tensor, knots: Tensor, u: Tensor) -> Tensor:
     full = cdf.expand(*u.shape, n + 1)
     c_lo = torch.gather(full, -1, (k - 1).unsqueeze(-1)).squeeze(-1)
     c_hi = torch.gather(full, -1, k.unsqueeze(-1)).squeeze(-1)
-    t_lo, t_hi = knots[k - 1], knots[k]
+    return _interpolate(c_lo, c_hi, knots[k - 1], knots[k], u)
+
+
+def inverse_cdf_rows(table: Tensor, knots: Tensor, row: Tensor, u: Tensor) -> Tensor:
+    """``inverse_cdf(table[row], knots, u)`` without materialising the gathered rows (eager only).
+
+    One binary search over all rows at once: row r is shifted by 2r (its values lie in [0, 1]), so in
+    float64, where float32 CDF values plus small integers are exact, #{entries < u + 2r} =
+    r·(N+1) + #{j : C_rj < u}, the same index as compare-and-count on that row."""
+    n = table.shape[-1] - 1
+    offset = 2.0 * torch.arange(table.shape[0], device=table.device, dtype=torch.float64)
+    flat = (table.double() + offset.unsqueeze(-1)).flatten()
+    pos = torch.searchsorted(flat, (u.double() + 2.0 * row).flatten()).view(u.shape)
+    k = torch.clamp(pos - row * (n + 1), 1, n)
+    base = row * (n + 1)
+    table_flat = table.flatten()
+    return _interpolate(table_flat[base + k - 1], table_flat[base + k], knots[k - 1], knots[k], u)
+
+
+def _interpolate(c_lo: Tensor, c_hi: Tensor, t_lo: Tensor, t_hi: Tensor, u: Tensor) -> Tensor:
+    """Linear interpolation inside the CDF cell [c_lo, c_hi] → [t_lo, t_hi]; a zero-mass cell returns t_lo."""
     denom = c_hi - c_lo
     ok = denom > 0
     frac = torch.where(ok, (u - c_lo) / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(u))
@@ -219,7 +239,9 @@ class EnergyPrior(nn.Module):
         # Component p* = #{p : cumsum(α_q)_p < v} (compare-and-count), then invert its CDF row.
         p_star = torch.clamp(count_below(self.cum_alpha, v), 0, self.P - 1)
         row = torch.arange(self.Q, device=u.device) * self.P + p_star
-        rows = cdf.reshape(self.Q * self.P, -1)[row]  # [B, Q, N+1]
+        if not _exporting():
+            return inverse_cdf_rows(cdf.reshape(self.Q * self.P, -1), self.knots, row, w)
+        rows = cdf.reshape(self.Q * self.P, -1)[row]  # [B, Q, N+1]: the graph gathers the rows
         return inverse_cdf(rows, self.knots, w)
 
     def latent(self, z: Tensor) -> Tensor:

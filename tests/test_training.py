@@ -20,8 +20,22 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _digits(steps: int, seed: int = 3, lr_schedule: str = "constant"):
-    return with_overrides(get_preset("digits"), steps=steps, seed=seed, lr_schedule=lr_schedule)
+def _digits(steps: int, seed: int = 3, lr_schedule: str = "constant", prior_lr_ratio: float = 1.0):
+    return with_overrides(get_preset("digits"), steps=steps, seed=seed, lr_schedule=lr_schedule,
+                          prior_lr_ratio=prior_lr_ratio)
+
+
+def test_prior_lr_ratio_splits_the_optimiser_groups() -> None:
+    from training.model import KAEM
+
+    one = KAEM(_digits(10)).param_groups(1e-3)
+    assert len(one) == 1 and one[0]["lr"] == 1e-3  # ratio 1: schema 1's single group
+    model = KAEM(_digits(10, prior_lr_ratio=0.2))
+    prior_group, decoder_group = model.param_groups(1e-3)
+    assert prior_group["lr"] == pytest.approx(2e-4) and decoder_group["lr"] == 1e-3
+    ids = [id(p) for g in (prior_group, decoder_group) for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
+    assert {id(p) for p in prior_group["params"]} == {id(p) for p in model.prior.parameters()}
 
 
 def test_lr_schedule_is_a_pure_function_of_the_step() -> None:
@@ -34,13 +48,16 @@ def test_lr_schedule_is_a_pure_function_of_the_step() -> None:
     assert lr_factor(_digits(100).train, 73) == 1.0  # constant: schema 1's behaviour
 
 
-@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
-def test_resume_is_bit_exact(tmp_path: Path, lr_schedule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("lr_schedule", "prior_lr_ratio"), [("constant", 1.0), ("cosine", 0.2)])
+def test_resume_is_bit_exact(tmp_path: Path, lr_schedule: str, prior_lr_ratio: float,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
     # 60 uninterrupted steps vs a 60-step run interrupted (Ctrl-C) after step 30 and resumed; a grid refit
-    # (step 50) falls after the resume, and the cosine schedule is planned over all 60 steps in both.
+    # (step 50) falls after the resume, and the cosine schedule (over two lr groups in the second case) is
+    # planned over all 60 steps in both.
     import training.train as loop
 
-    full = train(_digits(60, lr_schedule=lr_schedule), tmp_path / "full", torch.device("cpu"), progress=False)
+    cfg = _digits(60, lr_schedule=lr_schedule, prior_lr_ratio=prior_lr_ratio)
+    full = train(cfg, tmp_path / "full", torch.device("cpu"), progress=False)
     fetch, calls = loop.fetch, [0]
 
     def interrupted_fetch(*args, **kwargs):
@@ -51,9 +68,9 @@ def test_resume_is_bit_exact(tmp_path: Path, lr_schedule: str, monkeypatch: pyte
 
     monkeypatch.setattr(loop, "fetch", interrupted_fetch)
     with pytest.raises(KeyboardInterrupt):
-        train(_digits(60, lr_schedule=lr_schedule), tmp_path / "split", torch.device("cpu"), progress=False)
+        train(cfg, tmp_path / "split", torch.device("cpu"), progress=False)
     monkeypatch.setattr(loop, "fetch", fetch)
-    resumed = train(_digits(60, lr_schedule=lr_schedule), tmp_path / "split", torch.device("cpu"), resume=True,
+    resumed = train(cfg, tmp_path / "split", torch.device("cpu"), resume=True,
                     progress=False)
     a, b = load_checkpoint(full), load_checkpoint(resumed)
     assert a["step"] == b["step"] == 60

@@ -58,6 +58,14 @@ class KAEM(LatentImageModel):
         self.prior = EnergyPrior(cfg.prior, gen)
         self.decoder = build_decoder(cfg.decoder, cfg.prior.Q, gen)
 
+    def param_groups(self, lr: float) -> list[dict]:
+        """The prior at ``lr · train.prior_lr_ratio``, the decoder at ``lr`` (one group when the ratio is 1)."""
+        ratio = self.cfg.train.prior_lr_ratio
+        if ratio == 1.0:
+            return super().param_groups(lr)
+        return [{"params": list(self.prior.parameters()), "lr": lr * ratio},
+                {"params": list(self.decoder.parameters()), "lr": lr}]
+
     @property
     def u_dim(self) -> int:
         return self.prior.u_dim

@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a shifted tent fold of u_p per (q, p)), independent (KART sums of Q·P independent "
                    "draws; a deviation from the paper); default: the preset's")
     p.add_argument("--posterior", choices=POSTERIOR_KINDS, default=None,
-                   help="posterior estimator: is (importance sampling), ula (Langevin), mala (MALA with "
+                   help="posterior estimator: is (importance sampling), is_ula (IS chain starts + ULA moves in "
+                   "the prior's noise space; the fmnist/mnist default), ula (Langevin), mala (MALA with "
                    "autoMALA step sizes), thermo (population annealing + thermodynamic integration); "
                    "default: the preset's. Langevin settings come from the preset")
     p.add_argument("--seed", type=int, default=None, help="seed for init, data order and noise (default: 0)")

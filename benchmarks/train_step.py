@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -50,13 +51,19 @@ def make_step(cfg: KAEMConfig, x: torch.Tensor, loss_fn=None):
     return step
 
 
-def time_steps(step, n: int, warmup: int = 2) -> float:
-    for i in range(warmup):
-        step(i)
-    t0 = time.perf_counter()
+def time_round_robin(steps: dict[str, object], n: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per step of each variant, timed one step of each in turn so that the machine's
+    slow and fast spells (shared cores) fall on every variant alike."""
+    for step in steps.values():
+        for i in range(warmup):
+            step(i)
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(n):
-        step(warmup + i)
-    return (time.perf_counter() - t0) / n
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step(warmup + i)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -90,14 +97,14 @@ def main() -> None:
         "is, no decoder noise (a different estimator)":
             make_step(replace(old, posterior=replace(old.posterior, decoder_noise=False)), x),
     }
-    times = {name: time_steps(step, n) for name, step in variants.items()}
+    times = time_round_robin(variants, n)
     ref = next(iter(times.values()))
-    print("\nstep time, side by side:")
+    print(f"\nmedian step time over {n} rounds (one step of each variant per round):")
     for name, t in times.items():
         print(f"  {name:70s} {1000 * t:7.1f} ms  {b / t:6.0f} img/s  {ref / t:5.2f}x reference")
 
     step = make_step(preset, x)
-    time_steps(step, 1)
+    step(0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(n):
             step(100 + i)

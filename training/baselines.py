@@ -11,6 +11,8 @@ per seed, and the cost the sampling benchmark compares against KAEM's single pas
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -104,6 +106,10 @@ class LatentEBM(LatentImageModel):
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(z)
 
+    def frozen_decode(self) -> Callable[[Tensor], Tensor]:
+        """:meth:`decode` with the decoder's weights detached and precomputed (posterior chains)."""
+        return self.decoder.frozen()
+
     def log_prior(self, z: Tensor) -> Tensor:
         """Unnormalised log π̃(z) = f(z) + log π0(z) per sample, [B] (no tractable log Z)."""
         f = z
@@ -155,8 +161,10 @@ def lebm_loss(model: LatentEBM, x: Tensor, gen: torch.Generator, cfg: PosteriorC
     z_prior = model.sample_prior(torch.randn(B, Q, generator=gen, device=dev), gen)
     z0 = torch.randn(B, Q, generator=gen, device=dev)
 
+    decode = model.frozen_decode()
+
     def target(z: Tensor) -> Tensor:
-        return model.log_prior(z) + model.log_likelihood_paired(x, model.decode(z))
+        return model.log_prior(z) + model.log_likelihood_paired(x, decode(z))
 
     z = samplers.ula(target, z0, cfg.step_size, cfg.langevin_steps, gen)
     ell = noisy_loglik(model, x, z, gen, cfg)

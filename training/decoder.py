@@ -5,6 +5,7 @@ transposed-convolution stacks of the colour configs. Both return pre-sigmoid log
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -25,11 +26,19 @@ class KANDecoder(nn.Module):
             for i, o in zip(widths[:-1], widths[1:], strict=True)
         )
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, weights: list[Tensor] | None = None) -> Tensor:
         x = h
-        for layer in self.layers:
-            x = layer(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, None if weights is None else weights[i])
         return x.view(-1, *self.image_shape)
+
+    def frozen(self) -> Callable[[Tensor], Tensor]:
+        """This decoder with its current weights detached and each layer's spline matrix built once: for
+        the many decodes of one training step that need no parameter gradient (importance weights,
+        Langevin targets), where rebuilding the matrices was a fifth of the step."""
+        with torch.no_grad():
+            weights = [layer.weight() for layer in self.layers]
+        return lambda h: self.forward(h, weights)
 
     @torch.no_grad()
     def refit_grid(self, h: Tensor) -> None:
@@ -64,6 +73,10 @@ class ConvDecoder(nn.Module):
 
     def refit_grid(self, h: Tensor) -> None:
         """Conv decoders have no grid."""
+
+    def frozen(self) -> Callable[[Tensor], Tensor]:
+        """Nothing to precompute: the decoder itself (callers ask only for input gradients)."""
+        return self.forward
 
 
 def build_decoder(cfg: DecoderConfig, Q: int, gen: torch.Generator) -> nn.Module:

@@ -55,12 +55,16 @@ class Basis(nn.Module):
             raise ValueError(f"unknown basis {kind!r}")
         self.tau = nn.Parameter(torch.ones(()))  # trainable bandwidth / frequency scale
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, grid: Tensor | None = None) -> Tensor:
+        """``grid`` (RBF only) replaces ``self.grid``: its first column when inputs are shared (forward_shared)."""
         x = x.unsqueeze(-1)
         if self.kind == "rbf":
-            h = (self.grid[..., -1:] - self.grid[..., :1]) / self.size  # centre spacing per index
-            d = (x - self.grid) / (h * self.tau)
-            return torch.exp(-0.5 * d * d)
+            grid = self.grid if grid is None else grid
+            h = (grid[..., -1:] - grid[..., :1]) / self.size  # centre spacing per index
+            d = (x - grid) / (h * self.tau)
+            # Exponents below -87 would underflow to subnormals, on which exp and everything downstream take
+            # a ~10x slower path on x86 (environment.md); clamped, they give e^-87 ≈ 1.6e-38 instead.
+            return torch.exp(torch.clamp(-0.5 * d * d, min=-87.0))
         if self.kind == "fft":
             arg = x * (self.tau * self.freq)
             return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
@@ -119,6 +123,21 @@ class EnergyBank(nn.Module):
         out = self.w_sp * self.spline(x)
         return out + self.w_base * self.act(x) if self.use_base else out
 
+    def shares_inputs(self) -> bool:
+        """Whether every function of a row (the last axis of ``shape``) has the same basis: true for FFT and
+        Chebyshev, and for RBF when the row's grids are equal (the mixture prior fits them to the same z_q)."""
+        grid = getattr(self.basis, "grid", None)
+        return grid is None or torch.equal(grid, grid[..., :1, :].expand_as(grid))
+
+    def forward_shared(self, x: Tensor) -> Tensor:
+        """``forward(x.unsqueeze(-1).expand(..., P))`` for a row-shared input x[..., Q] -> [..., Q, P], with one
+        basis evaluation per row instead of per function (P times less elementwise work) and the sum over the
+        basis as a batched matmul. Only valid when :meth:`shares_inputs`."""
+        grid = getattr(self.basis, "grid", None)
+        b = self.basis(x, None if grid is None else grid[..., 0, :])  # [..., Q, K]
+        out = self.w_sp * torch.einsum("...qk,qpk->...qp", b, self.coef)
+        return out + self.w_base * self.act(x).unsqueeze(-1) if self.use_base else out
+
     @torch.no_grad()
     def refit_grid(self, samples: Tensor, ridge: float = 1e-4) -> None:
         """RBF only: move the grid to the samples ``[N, *shape]`` keeping the function values there."""
@@ -167,8 +186,16 @@ class KANLayer(nn.Module):
         self.w_sp = nn.Parameter(_glorot_normal(n_in, n_out, fan_in=n_in, fan_out=n_out, gen=gen))
         self.coef = nn.Parameter(_init_coef(self.basis, (n_in, n_out), n_in, n_out, eps_scale, gen))
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = torch.einsum("...ik,iok->...o", self.basis(x), self.coef * self.w_sp.unsqueeze(-1))
+    def weight(self) -> Tensor:
+        """The spline part as one matrix [I·K, O]: (coef · w_sp) with row i·K + k, so that the layer is a
+        single matmul of the flattened basis values."""
+        n_in, n_out, k = self.coef.shape
+        return (self.coef * self.w_sp.unsqueeze(-1)).transpose(1, 2).reshape(n_in * k, n_out)
+
+    def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
+        """y_o = Σ_i φ_{i,o}(x_i); ``weight`` is a precomputed :meth:`weight` (a frozen decoder's)."""
+        w = self.weight() if weight is None else weight
+        y = self.basis(x).flatten(-2) @ w
         return y + self.act(x) @ self.w_base if self.use_base else y
 
     @torch.no_grad()

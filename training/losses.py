@@ -53,12 +53,13 @@ def importance_sampling_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: 
     B, S = x.shape[0], cfg.n_samples
 
     # 1. N_s exact prior proposals shared by the batch, and fresh ones for the CD term.
-    _, z, z_prior, _ = _proposals(model, S, cfg.cd_samples or S, gen, dev)
+    cdf, log_z = _prior_tables(model, cfg)
+    _, z, z_prior = _proposals(model, S, cfg.cd_samples or S, gen, dev, cdf)
 
     # 2. ℓ_{b,s} = log p(x_b | z_s) with fresh decoder noise per (b, s): forward only.
     with torch.no_grad():
         with record_function("kaem.decoder"):
-            logits = model.decode(z)
+            logits = model.frozen_decode()(z)
         with record_function("kaem.likelihood"):
             noise = _decoder_noise(model, cfg, (B, S, logits[0].numel()), gen, dev)
             ell = model.log_likelihood(x, logits, noise)
@@ -79,8 +80,8 @@ def importance_sampling_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: 
     with record_function("kaem.likelihood"):
         ell_k = model.log_likelihood_paired(x[b_k], logits_used[pos], None if noise is None else noise[b_k, j_k])
     with record_function("kaem.prior_energy"):
-        logp_used = prior.log_prob(z[used], normalized=not cfg.contrastive)
-        prior_term = prior.log_prob(z_prior).mean() if cfg.contrastive else torch.zeros((), device=dev)
+        logp_used = prior.log_prob(z[used], normalized=not cfg.contrastive, log_z=log_z)
+        prior_term = prior.log_prob(z_prior, log_z=log_z).mean() if cfg.contrastive else torch.zeros((), device=dev)
     prior_post = (w_used * logp_used).sum() / B
     loss = -((w_k * ell_k).sum() / B + prior_post - prior_term)
     stats = _is_stats(model, x, loss, ell, ell_post, float(prior_post.detach()), prior_term, ess, resample)
@@ -94,7 +95,9 @@ def importance_sampling_loss_reference(model: KAEM, x: Tensor, gen: torch.Genera
     ``reference`` variant of benchmarks/train_step.py."""
     prior, dev = model.prior, x.device
     B, S = x.shape[0], cfg.n_samples
-    _, z, z_prior, _ = _proposals(model, S, cfg.cd_samples or S, gen, dev)
+    with torch.no_grad(), record_function("kaem.prior_its"):
+        cdf = prior.cdf_table()
+    _, z, z_prior = _proposals(model, S, cfg.cd_samples or S, gen, dev, cdf)
     with record_function("kaem.decoder"):
         logits = model.decode(z)
     with record_function("kaem.likelihood"):
@@ -112,17 +115,25 @@ def importance_sampling_loss_reference(model: KAEM, x: Tensor, gen: torch.Genera
     return LossOutput(loss=loss, stats=stats, z=z)
 
 
-def _proposals(model: KAEM, n: int, n_cd: int, gen: torch.Generator, device: torch.device
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(u, z, z', cdf): n exact ITS prior draws z = F⁻¹(u) and n_cd fresh ones z' for the CD term (no
-    gradient), with the CDF table they were drawn from."""
+def _prior_tables(model: KAEM, cfg: PosteriorConfig) -> tuple[Tensor, Tensor | None]:
+    """The step's CDF table and, where the loss needs it (the mixture always, any prior when the loss is
+    not contrastive), the differentiable log Z [Q, P]: one evaluation of the energies on the quadrature
+    nodes per step, shared by the draws, the Langevin target and both terms of the loss."""
+    prior = model.prior
+    with record_function("kaem.prior_energy"):
+        return prior.tables(with_log_z=prior.kind == "mixture" or not cfg.contrastive)
+
+
+def _proposals(model: KAEM, n: int, n_cd: int, gen: torch.Generator, device: torch.device, cdf: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """(u, z, z'): n exact ITS prior draws z = F⁻¹(u) from the table ``cdf`` and n_cd fresh ones z' for
+    the CD term (no gradient)."""
     prior = model.prior
     with torch.no_grad(), record_function("kaem.prior_its"):
-        cdf = prior.cdf_table()
         u = sanitize_u(torch.rand(n, prior.u_dim, generator=gen, device=device))
         z = prior.sample(u, cdf)
         z_prior = prior.sample(torch.rand(n_cd, prior.u_dim, generator=gen, device=device), cdf)
-    return u, z, z_prior, cdf
+    return u, z, z_prior
 
 
 def _decoder_noise(model: LatentImageModel, cfg: PosteriorConfig, shape: tuple[int, ...], gen: torch.Generator,
@@ -168,26 +179,27 @@ def _is_stats(model: KAEM, x: Tensor, loss: Tensor, ell: Tensor, ell_post: Tenso
 # ---- Langevin-family estimators (spec §5.4-5.5) ------------------------------------------------
 
 
-def _prior_draws(model: KAEM, n: int, gen: torch.Generator, device: torch.device) -> Tensor:
-    """n exact ITS prior samples (no gradient): chain starts and the CD term's z'."""
+def _prior_draws(model: KAEM, n: int, gen: torch.Generator, device: torch.device, cdf: Tensor) -> Tensor:
+    """n exact ITS prior samples from the step's table (no gradient): chain starts and the CD term's z'."""
     with torch.no_grad(), record_function("kaem.prior_its"):
-        return model.prior.sample(torch.rand(n, model.u_dim, generator=gen, device=device))
+        return model.prior.sample(torch.rand(n, model.u_dim, generator=gen, device=device), cdf)
 
 
-def _log_prior_fn(model: KAEM) -> samplers.LogTarget:
-    """log π̃(z) for Langevin targets. The univariate prior is used unnormalised (log Z does not move
-    z); the mixture needs its per-component log Z, computed once per step and held constant."""
+def _log_prior_fn(model: KAEM, log_z: Tensor | None) -> samplers.LogTarget:
+    """log π̃(z) for Langevin targets. KART layouts are used unnormalised (log Z does not move z); the
+    mixture needs its per-component log Z, the step's, held constant."""
     prior = model.prior
-    if prior.kind == "univariate":
+    if prior.kind != "mixture":
         return prior.log_prob
-    with torch.no_grad():
-        log_z = prior.log_normalizer()
+    log_z = log_z.detach()
     return lambda z: prior.log_prob(z, log_z=log_z)
 
 
-def _log_lik_fn(model: KAEM, x: Tensor) -> samplers.LogTarget:
-    """ℓ(x_b | z_b) without decoder noise (the Langevin gradient uses none, spec §5.4)."""
-    return lambda z: model.log_likelihood_paired(x, model.decode(z))
+def _log_lik_fn(model: KAEM, x: Tensor, decode: Callable[[Tensor], Tensor] | None = None) -> samplers.LogTarget:
+    """ℓ(x_b | z_b) without decoder noise (the Langevin gradient uses none, spec §5.4), through the step's
+    frozen decoder (chains need gradients in z only)."""
+    decode = decode or model.frozen_decode()
+    return lambda z: model.log_likelihood_paired(x, decode(z))
 
 
 def noisy_loglik(model: LatentImageModel, x: Tensor, z: Tensor, gen: torch.Generator, cfg: PosteriorConfig) -> Tensor:
@@ -197,13 +209,15 @@ def noisy_loglik(model: LatentImageModel, x: Tensor, z: Tensor, gen: torch.Gener
 
 
 def _posterior_loss(model: KAEM, x: Tensor, z_post: Tensor, z_prior: Tensor, ell: Tensor, cfg: PosteriorConfig,
-                    data_term: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+                    log_z: Tensor | None, data_term: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """L = −[Ê_post(log π̃(z) + ℓ(x|z)) − Ê_prior(log π̃(z'))] on detached chain states (spec §5.2),
-    with ell[B] = ℓ(x_b | z_b). ``data_term`` replaces Ê_post ℓ (the thermodynamic integral)."""
+    with ell[B] = ℓ(x_b | z_b) and the step's log Z (:func:`_prior_tables`). ``data_term`` replaces
+    Ê_post ℓ (the thermodynamic integral)."""
     prior = model.prior
     with record_function("kaem.prior_energy"):
-        logp = prior.log_prob(z_post, normalized=not cfg.contrastive).mean()
-        prior_term = prior.log_prob(z_prior).mean() if cfg.contrastive else torch.zeros((), device=x.device)
+        logp = prior.log_prob(z_post, normalized=not cfg.contrastive, log_z=log_z).mean()
+        prior_term = (prior.log_prob(z_prior, log_z=log_z).mean() if cfg.contrastive
+                      else torch.zeros((), device=x.device))
     data = ell.mean() if data_term is None else data_term
     loss = -(data + logp - prior_term)
     with torch.no_grad():
@@ -223,13 +237,14 @@ def ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
     """"Vanilla" Langevin MLE: B chains (one per image) from ITS prior samples, ``langevin_steps``
     ULA moves on log π̃(z) + log p(x|z), the loss of §5.2 at the final states."""
     B, dev = x.shape[0], x.device
-    z0, z_prior = _prior_draws(model, B, gen, dev), _prior_draws(model, B, gen, dev)
-    log_prior, log_lik = _log_prior_fn(model), _log_lik_fn(model, x)
+    cdf, log_z = _prior_tables(model, cfg)
+    z0, z_prior = _prior_draws(model, B, gen, dev, cdf), _prior_draws(model, B, gen, dev, cdf)
+    log_prior, log_lik = _log_prior_fn(model, log_z), _log_lik_fn(model, x)
     with record_function("kaem.langevin"):
         z = samplers.ula(lambda z: log_prior(z) + log_lik(z), z0, cfg.step_size, cfg.langevin_steps, gen)
     with record_function("kaem.decoder"):
         ell = noisy_loglik(model, x, z, gen, cfg)
-    loss, stats = _posterior_loss(model, x, z, z_prior, ell, cfg)
+    loss, stats = _posterior_loss(model, x, z, z_prior, ell, cfg, log_z)
     stats["eta"] = cfg.step_size
     return LossOutput(loss=loss, stats=stats, z=z)
 
@@ -248,10 +263,12 @@ def is_ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
     prior, dev = model.prior, x.device
     B, S = x.shape[0], cfg.n_samples
     its = prior.u_dim - prior.its_dim  # first ITS column of u
-    u, z, z_prior, cdf = _proposals(model, S, cfg.cd_samples or B, gen, dev)
+    cdf, log_z = _prior_tables(model, cfg)
+    u, z, z_prior = _proposals(model, S, cfg.cd_samples or B, gen, dev, cdf)
+    decode = model.frozen_decode()  # every decode before the loss's needs no parameter gradient
     with torch.no_grad():
         with record_function("kaem.decoder"):
-            ell_is = model.log_likelihood(x, model.decode(z), None)  # [B, S]; weights w = softmax(ℓ)
+            ell_is = model.log_likelihood(x, decode(z), None)  # [B, S]; weights w = softmax(ℓ)
         w = torch.softmax(ell_is, dim=1)
         start = inverse_cumsum(torch.cumsum(w, 1), torch.rand(B, 1, generator=gen, device=dev)).squeeze(1)
         u0 = u[start]
@@ -261,7 +278,7 @@ def is_ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
         return prior.sample(torch.cat([u0[:, :its], normal_cdf(eps)], dim=1), cdf)
 
     def log_target(eps: Tensor) -> Tensor:  # log N(ε; 0, I) + ℓ(x_b | z(ε_b)), decoder noise off
-        return -0.5 * (eps * eps).sum(1) + model.log_likelihood_paired(x, model.decode(z_of(eps)))
+        return -0.5 * (eps * eps).sum(1) + model.log_likelihood_paired(x, decode(z_of(eps)))
 
     with record_function("kaem.langevin"):
         eps = samplers.ula(log_target, eps0, cfg.step_size, cfg.langevin_steps, gen)
@@ -269,7 +286,7 @@ def is_ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
         z_post = z_of(eps)
     with record_function("kaem.decoder"):
         ell = noisy_loglik(model, x, z_post, gen, cfg)
-    loss, stats = _posterior_loss(model, x, z_post, z_prior, ell, cfg)
+    loss, stats = _posterior_loss(model, x, z_post, z_prior, ell, cfg, log_z)
     with torch.no_grad():
         stats.update(ess=float((1.0 / (w * w).sum(1)).mean()), eta=cfg.step_size,
                      loglik_start=float(ell_is.gather(1, start.unsqueeze(1)).mean()),
@@ -298,11 +315,13 @@ def mala_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig
     carried = (ctx.carry if ctx is not None else {}).get("mala_eta")
     first = torch.full((B,), mala_initial_step(cfg))
     eta0 = carried.to(dev) if carried is not None and carried.shape == (B,) else first
-    z0, z_prior = _prior_draws(model, B, gen, dev), _prior_draws(model, B, gen, dev)
-    log_prior, log_lik = _log_prior_fn(model), _log_lik_fn(model, x)
+    cdf, log_z = _prior_tables(model, cfg)
+    z0, z_prior = _prior_draws(model, B, gen, dev, cdf), _prior_draws(model, B, gen, dev, cdf)
+    decode = model.frozen_decode()
+    log_prior, log_lik = _log_prior_fn(model, log_z), _log_lik_fn(model, x, decode)
 
     def restrict(rows: Tensor) -> samplers.LogTarget:  # the chains of images x[rows] alone
-        lik = _log_lik_fn(model, x[rows])
+        lik = _log_lik_fn(model, x[rows], decode)
         return lambda z: log_prior(z) + lik(z)
 
     with record_function("kaem.langevin"):
@@ -310,7 +329,7 @@ def mala_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig
                             restrict)
     with record_function("kaem.decoder"):
         ell = noisy_loglik(model, x, res.z, gen, cfg)
-    loss, stats = _posterior_loss(model, x, res.z, z_prior, ell, cfg)
+    loss, stats = _posterior_loss(model, x, res.z, z_prior, ell, cfg, log_z)
     stats.update(accept=float(res.accept_rate.mean()), eta=float(res.eta_mean.mean()),
                  reversible=res.reversible_rate, search_evals=res.search_evals)
     return LossOutput(loss=loss, stats=stats, z=res.z, carry={"mala_eta": res.eta_next.detach()})
@@ -325,8 +344,9 @@ def thermo_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
     B, dev, K = x.shape[0], x.device, cfg.n_temps
     power = samplers.annealing_power(ctx.step, ctx.total_steps, cfg.power_start, cfg.power_end, cfg.power_cycles)
     temps = samplers.temperatures(K, power).to(dev)
-    z0 = _prior_draws(model, K * B, gen, dev)
-    z_prior = _prior_draws(model, B, gen, dev)
+    cdf, log_z = _prior_tables(model, cfg)
+    z0 = _prior_draws(model, K * B, gen, dev, cdf)
+    z_prior = _prior_draws(model, B, gen, dev, cdf)
     xk = x.repeat(K, *([1] * (x.dim() - 1)))  # chain k·B + b sees image b
 
     def swap_lik(z: Tensor) -> Tensor:  # likelihoods for the swap test carry decoder noise (spec §5.5)
@@ -334,7 +354,7 @@ def thermo_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
 
     with record_function("kaem.langevin"):
         res = samplers.anneal_populations(
-            _log_prior_fn(model), _log_lik_fn(model, xk), z0.view(K, B, *z0.shape[1:]), temps[1:],
+            _log_prior_fn(model, log_z), _log_lik_fn(model, xk), z0.view(K, B, *z0.shape[1:]), temps[1:],
             cfg.step_size, cfg.langevin_steps, gen, swap_lik=swap_lik, swap_every=cfg.swap_every,
         )
     with record_function("kaem.decoder"):
@@ -343,7 +363,7 @@ def thermo_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
     means = torch.cat([ell_prior.mean().unsqueeze(0), ell_temps.mean(1)])
     ti = samplers.thermodynamic_integral(means, temps, cfg.ti_rule)
     z_post = res.z[-1]
-    loss, stats = _posterior_loss(model, x, z_post, z_prior, ell_temps[-1], cfg, data_term=ti)
+    loss, stats = _posterior_loss(model, x, z_post, z_prior, ell_temps[-1], cfg, log_z, data_term=ti)
     stats.update(log_px=float(ti.detach()), loglik_prior=float(ell_prior.detach().mean()),
                  swap_rate=res.swap_rate, power=power, eta=cfg.step_size)
     return LossOutput(loss=loss, stats=stats, z=z_post)

@@ -3,6 +3,8 @@ class every model of the harness (KAEM and the baselines) shares."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -77,6 +79,12 @@ class KAEM(LatentImageModel):
     def decode(self, z: Tensor) -> Tensor:
         """Pre-sigmoid decoder output g_Φ(h(z)), [B, C, H, W]."""
         return self.decoder(self.prior.latent(z))
+
+    def frozen_decode(self) -> Callable[[Tensor], Tensor]:
+        """:meth:`decode` with the decoder's current weights detached and precomputed (no parameter
+        gradient; gradients in z still flow): for the decodes inside one training step's sampler."""
+        dec = self.decoder.frozen()
+        return lambda z: dec(self.prior.latent(z))
 
     def latent_of_u(self, u: Tensor, cdf: Tensor | None = None) -> Tensor:
         """Decoder input h[B, Q] of the uniforms ``u[B, D]`` (differentiable in u: latent health)."""

@@ -204,19 +204,44 @@ class EnergyPrior(nn.Module):
     def log_pi0(self, z: Tensor) -> Tensor:
         return log_pi0(z, self.cfg.pi0, self.cfg.eps)
 
+    def _energy(self, z: Tensor) -> Tensor:
+        """f_{q,p}(z_q) for every component p of a mixture latent z[..., Q] -> [..., Q, P]."""
+        if self.f.shares_inputs():
+            return self.f.forward_shared(z)
+        return self.f(z.unsqueeze(-1).expand(*z.shape, self.P))
+
     def log_masses(self) -> Tensor:
         """log m_{q,p,k} = log w_k + f_{q,p}(x_k) + log pi0(x_k), shape [Q, P, N] (differentiable)."""
-        x = self.nodes.view(-1, 1, 1).expand(-1, self.Q, self.P)
-        logm = self.log_w.view(-1, 1, 1) + self.f(x) + self.log_pi0(x)
+        if self.kind == "mixture":  # every component of latent q is evaluated at the same nodes
+            x = self.nodes.view(-1, 1).expand(-1, self.Q)
+            logm = self.log_w.view(-1, 1, 1) + self._energy(x) + self.log_pi0(self.nodes).view(-1, 1, 1)
+        else:
+            x = self.nodes.view(-1, 1, 1).expand(-1, self.Q, self.P)
+            logm = self.log_w.view(-1, 1, 1) + self.f(x) + self.log_pi0(x)
         return logm.permute(1, 2, 0)
 
     def log_normalizer(self) -> Tensor:
         """Quadrature log Z_{q,p}, shape [Q, P], differentiable in f."""
         return torch.logsumexp(self.log_masses(), dim=-1)
 
+    def tables(self, with_log_z: bool) -> tuple[Tensor, Tensor | None]:
+        """One evaluation of the energies on the nodes per training step: (the CDF table, without gradient;
+        the differentiable log Z [Q, P] when ``with_log_z``, else None)."""
+        if not with_log_z:
+            return self.cdf_table(), None
+        logm = self.log_masses()
+        with torch.no_grad():
+            cdf = self._cdf_of(logm.detach())
+        return cdf, torch.logsumexp(logm, dim=-1)
+
+    @torch.no_grad()
     def cdf_table(self) -> Tensor:
         """Normalised CDF at the knots, [Q, P, N+1] with C_0 = 0 and C_N = 1 (log-space, spec §9)."""
-        logm = self.log_masses().float()
+        return self._cdf_of(self.log_masses())
+
+    @staticmethod
+    def _cdf_of(logm: Tensor) -> Tensor:
+        logm = logm.float()
         m = torch.exp(logm - logm.amax(dim=-1, keepdim=True))
         c = torch.cumsum(m, dim=-1)
         c = c / c[..., -1:]
@@ -259,8 +284,7 @@ class EnergyPrior(nn.Module):
             if normalized:
                 lp = lp - (self.log_normalizer() if log_z is None else log_z)
             return lp.sum(dim=(-1, -2))
-        zq = z.unsqueeze(-1).expand(*z.shape, self.P)
-        comp = self.log_alpha + self.f(zq) - (self.log_normalizer() if log_z is None else log_z)
+        comp = self.log_alpha + self._energy(z) - (self.log_normalizer() if log_z is None else log_z)
         return (torch.logsumexp(comp, dim=-1) + self.log_pi0(z)).sum(-1)
 
     def density_on_nodes(self) -> tuple[Tensor, Tensor, Tensor]:

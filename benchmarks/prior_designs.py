@@ -73,6 +73,23 @@ DESIGNS = {d.key: d for d in (
            "the author's newer configs train the prior 5× slower than the decoder (spec §10); in (f)'s 30-minute "
            "run the prior kept sharpening after step 4,500 (mean log π of its draws −29 → −5 nats) while the "
            "data term and the generator dimension fell; the lr decays ×0.1 over the planned 8,500 steps"),
+    # After the faster step (one prior-energy evaluation per step, per-latent mixture energies, frozen decoder):
+    # the same 10 minutes hold ~2x the steps; each cosine is planned over what its step speed fits in 10 minutes.
+    Design("i-isula-1000-4800", "(i) = (g) with the cosine over 4,800 steps",
+           _ISULA + ("--set", f"posterior.n_samples={_POOL}", "--set", "train.prior_lr_ratio=0.2",
+                     "--set", "train.lr_schedule=cosine", "--steps", "4800"),
+           "(g)'s configuration at ~8.5 steps/s: 4,800 steps fit 10 minutes"),
+    Design("j-isula-3000", "(j) = (i) with N_s = 3,000 proposals",
+           _ISULA + ("--set", "posterior.n_samples=3000", "--set", "train.prior_lr_ratio=0.2",
+                     "--set", "train.lr_schedule=cosine", "--steps", "3200"),
+           "better chain starts at the cost of 3x the forward-only pool decode; at ~4.9 steps/s the budget stopped "
+           "it at step 2,927 of the planned 3,200 (lr at ×0.12 of its peak instead of ×0.1)"),
+    Design("k-isula-10-moves", "(k) = (i) with 10 ULA moves",
+           ("--prior", "mixture", "--posterior", "is_ula", "--set", "posterior.step_size=5e-5",
+            "--set", "posterior.langevin_steps=10", "--set", f"posterior.n_samples={_POOL}",
+            "--set", "train.prior_lr_ratio=0.2", "--set", "train.lr_schedule=cosine", "--steps", "4200"),
+           "chains that move twice as far from their starts; at ~5.8 steps/s the budget stopped it at step 3,457 "
+           "of the planned 4,200 (lr at ×0.17)"),
 )}
 
 

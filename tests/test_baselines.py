@@ -125,3 +125,50 @@ def test_kaem_compare_trains_scores_and_reuses(tmp_path: Path) -> None:
     mtime = (tmp_path / "cmp" / "kaem" / "ckpt-0000004.pt").stat().st_mtime
     assert compare.main(argv) == 0  # second call: checkpoints reused, not retrained
     assert (tmp_path / "cmp" / "kaem" / "ckpt-0000004.pt").stat().st_mtime == mtime
+
+
+def test_kaem_compare_at_equal_wall_clock_with_lr_sweep(tmp_path: Path) -> None:
+    from training import compare, features
+
+    net, acc = features.train_feature_net("digits", epochs=3, progress=False)
+    feat = features.save_feature_net(tmp_path / "digits.pt", net, "digits", acc, 3, 0)
+    minutes = 0.05
+    argv = ["--preset", "digits", "--minutes", str(minutes), "--lr-sweep", "--n", "120", "--sweep-n", "120",
+            "--features", str(feat), "--out", str(tmp_path / "cmp"), "--no-progress"]
+    assert compare.main(argv) == 0
+    out = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    meta, rows = out["meta"], out["rows"]
+    assert [r["model"] for r in rows] == ["kaem", "vae", "lebm"] and meta["minutes"] == minutes
+    for r in rows:
+        plan = json.loads((tmp_path / "cmp" / f"{r['model']}-{minutes:g}min" / "budget.json").read_text())
+        # the schedule is sized from the measured step time, and the run stopped at the budget or the plan
+        assert plan["finished"] and plan["steps"] == max(10, int(0.9 * 60 * minutes / plan["seconds_per_step"]))
+        assert 0 < r["updates"] <= plan["steps"] and r["train_seconds"] < 60 * minutes + 5
+        assert r["fd_clf"] > 0 and (r["fd_clf_blur_px"] is None or r["fd_clf_blur_px"] >= 0)
+    assert rows[0]["gen_dim"] > 0 and rows[1]["gen_dim"] > 0 and rows[2]["gen_dim"] is None  # LEBM: n/a
+    preset_lr = get_preset("digits").train.lr
+    for name in ("vae", "lebm"):  # each baseline swept at x0.3, x1, x3 and trained at the lowest FD-clf's lr
+        sweep = meta["sweeps"][name]
+        assert [s["factor"] for s in sweep] == [0.3, 1.0, 3.0]
+        best = min(sweep, key=lambda s: s["fd_clf"])
+        assert meta["lr_factors"][name] == best["factor"]
+        assert next(r for r in rows if r["model"] == name)["lr"] == pytest.approx(preset_lr * best["factor"])
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "equal wall clock" in table and "Best per metric: FD-clf:" in table and "Blur ladder" in table
+    assert "Learning-rate sweeps" in table and "| latent EBM |" in table
+
+    ckpt = Path(rows[0]["checkpoint"])
+    mtime = ckpt.stat().st_mtime
+    assert compare.main(argv) == 0  # finished runs and sweeps are reused, not retrained
+    assert ckpt.stat().st_mtime == mtime
+
+    # Another data set reuses the chosen factors; wrong combinations are user errors, not tracebacks.
+    reuse = ["--preset", "digits", "--minutes", str(minutes), "--models", "vae", "--n", "120", "--features", str(feat),
+             "--out", str(tmp_path / "cmp2"), "--no-progress", "--lr-from", str(tmp_path / "cmp" / "comparison.json")]
+    assert compare.main(reuse) == 0
+    row = json.loads((tmp_path / "cmp2" / "comparison.json").read_text())["rows"][0]
+    assert row["lr"] == pytest.approx(preset_lr * meta["lr_factors"]["vae"])
+    for bad in (["--steps", "5", "--lr-sweep"], ["--minutes", "1", "--lr-sweep", "--lr-from", "x.json"],
+                ["--minutes", "1", "--lr-from", str(tmp_path / "missing.json")], ["--minutes", "-1"]):
+        r = _cli("training.compare", "--preset", "digits", *bad)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr

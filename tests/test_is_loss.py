@@ -190,3 +190,25 @@ def test_fast_loss_equals_the_direct_form(kind: str, case: str) -> None:
     for name, grad in g_ref.items():
         torch.testing.assert_close(g_fast[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()) + 1e-7,
                                    msg=name)
+
+
+def test_parallel_decoder_noise_is_standard_normal_and_independent_of_threads() -> None:
+    from training.losses import NOISE_CHUNKS, standard_normal
+
+    shape = (64, 100, 200)  # 1.28 M numbers: the chunked, threaded path
+    before = torch.get_num_threads()
+    try:
+        draws = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            draws.append(standard_normal(shape, step_generator(0, 7), torch.device("cpu")))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(draws[0], draws[1])  # the same numbers whatever the thread count
+    e = draws[0].double()
+    n = e.numel()
+    assert abs(float(e.mean())) < 5 / n**0.5 and abs(float(e.var()) - 1) < 10 / n**0.5
+    assert abs(float((e**4).mean()) - 3) < 0.05  # Gaussian tails, not uniform or clipped
+    chunks = e.view(-1).chunk(NOISE_CHUNKS)  # no chunk repeats another's stream
+    assert not torch.equal(chunks[0][:1000], chunks[1][:1000])
+    assert not torch.equal(draws[0], standard_normal(shape, step_generator(0, 8), torch.device("cpu")))

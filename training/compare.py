@@ -1,15 +1,25 @@
 """``kaem-compare``: KAEM against its baselines (VAE, latent EBM) on one data set, trained by the same
-harness with the same data, decoder, likelihood and number of updates, then scored with the same
-classifier-space metrics and timed generating images. Writes ``comparison.md`` and ``comparison.json``.
+harness with the same data, decoder and likelihood, then scored with the same classifier-space metrics
+(with latent health and the blur ladder) and timed generating images. Writes ``comparison.md`` and
+``comparison.json``.
 
-A model whose run folder already holds a checkpoint at the requested step is loaded, not retrained;
-a shorter one is resumed. So re-running after a crash or with another ``--n`` costs only evaluation.
+Two budgets: ``--steps N`` (equal updates) or ``--minutes M`` (equal wall clock, the fair one on a
+fixed machine: a model whose step is cheaper gets more of them). Under ``--minutes`` each model's step
+is timed first and its schedule (a cosine learning rate is planned over steps) is sized to what fits in
+M minutes; the run stops at M minutes either way. ``--lr-sweep`` first trains each baseline at ×0.3,
+×1 and ×3 of its preset learning rate for M/4 minutes and keeps the factor with the lowest FD-clf;
+``--lr-from comparison.json`` reuses the factors another comparison chose (e.g. Fashion-MNIST's for MNIST).
+
+A model whose run folder already holds its finished run is loaded, not retrained; an interrupted one is
+resumed (under ``--minutes``, for the rest of its budget). So re-running after a crash or with another
+``--n`` costs only evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -21,10 +31,14 @@ import torch
 from training.baselines import MODEL_NAMES
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model
 from training.cli import HelpFormatter, UserError, resolve_device, user_errors
-from training.config import MODELS, POSTERIOR_KINDS, PRESETS, get_preset, with_model, with_overrides
+from training.config import MODELS, POSTERIOR_KINDS, PRESETS, KAEMConfig, get_preset, with_model, with_overrides
 
-COLUMNS = ("model", "updates", "train time", "FD-clf ↓", "KID-clf ↓", "precision-clf ↑", "recall-clf ↑",
-           "sampling img/s ↑")
+METRICS = (("fd_clf", "FD-clf", min), ("kid_clf", "KID-clf", min), ("precision_clf", "precision-clf", max),
+           ("recall_clf", "recall-clf", max), ("gen_dim", "gen. dim", max), ("latent_pr", "h ratio", max),
+           ("images_per_s", "sampling img/s", max))
+LR_FACTORS = (0.3, 1.0, 3.0)
+BASELINES = ("vae", "lebm")
+BUDGET_FILE = "budget.json"  # a --minutes run's plan and whether it finished
 
 
 def train_or_load(cfg, run_dir: Path, data_root: str | None, device: torch.device, progress: bool) -> Path:
@@ -40,6 +54,79 @@ def train_or_load(cfg, run_dir: Path, data_root: str | None, device: torch.devic
     return train(cfg, run_dir, device, data_root, resume=latest is not None, progress=progress)
 
 
+def seconds_per_step(cfg: KAEMConfig, device: torch.device, data_root: str | None, n: int = 8) -> float:
+    """Median wall time of one training step of ``cfg`` (model, loss, backward, Adam) on real batches,
+    after two warm-up steps: the rate a --minutes budget is planned with."""
+    from training.baselines import build_model, loss_fn_for
+    from training.data import load_dataset
+    from training.losses import StepContext
+    from training.uniforms import step_generator
+
+    data = load_dataset(cfg.train.dataset, data_root, "train")
+    b = cfg.train.batch_size
+    x = torch.stack([data[i % len(data)] for i in range(b)]).to(device)
+    model = build_model(cfg).to(device)
+    loss_fn = loss_fn_for(cfg)
+    opt = torch.optim.Adam(model.param_groups(cfg.train.lr))
+    times = []
+    for i in range(n + 2):
+        t0 = time.perf_counter()
+        out = loss_fn(model, x, step_generator(cfg.train.seed, i, 0, device), cfg.posterior,
+                      StepContext(step=i, total_steps=cfg.train.steps))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
+
+
+def with_lr_factor(cfg: KAEMConfig, factor: float) -> KAEMConfig:
+    """Every learning rate of the model ×factor (the latent EBM's energy has its own)."""
+    if factor == 1.0:
+        return cfg
+    cfg = with_overrides(cfg, lr=cfg.train.lr * factor)
+    if cfg.model == "lebm":
+        cfg = replace(cfg, baseline=replace(cfg.baseline, energy_lr=cfg.baseline.energy_lr * factor))
+    return cfg
+
+
+def train_for_minutes(cfg: KAEMConfig, run_dir: Path, minutes: float, data_root: str | None, device: torch.device,
+                      progress: bool) -> Path:
+    """Train ``cfg`` for ``minutes`` of wall clock into ``run_dir`` with its schedule planned over the steps that
+    fit (measured by :func:`seconds_per_step`, 10 % kept for logging and latent health); a finished run is reused,
+    an interrupted one resumed for the rest of its budget."""
+    from training.train import train
+
+    plan_path = run_dir / BUDGET_FILE
+    plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
+    latest = latest_checkpoint(run_dir)
+    same = plan is not None and plan["minutes"] == minutes and plan["lr"] == cfg.train.lr
+    if latest is not None and not same:
+        raise UserError(f"{run_dir} holds another run (not a {minutes:g}-minute run at lr {cfg.train.lr:g}): "
+                        "remove it or choose another --out")
+    if same and plan["finished"] and latest is not None:
+        print(f"{run_dir}: reusing {latest.name} ({minutes:g}-minute run)", file=sys.stderr)
+        return latest
+    spent = 0.0
+    if same and latest is not None:
+        spent = float(load_checkpoint(latest)["train_state"].get("train_seconds", 0.0))
+    else:
+        t = seconds_per_step(cfg, device, data_root)
+        plan = {"minutes": minutes, "lr": cfg.train.lr, "seconds_per_step": t,
+                "steps": max(10, int(0.9 * 60.0 * minutes / t)), "finished": False}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        plan_path.write_text(json.dumps(plan, indent=2) + "\n")
+        print(f"{run_dir}: {t * 1000:.0f} ms per step -> {plan['steps']} steps planned for {minutes:g} min",
+              file=sys.stderr)
+    path = train(with_overrides(cfg, steps=plan["steps"]), run_dir, device, data_root, resume=latest is not None,
+                 progress=progress, max_seconds=max(1.0, 60.0 * minutes - spent))
+    plan["finished"] = True
+    plan_path.write_text(json.dumps(plan, indent=2) + "\n")
+    return path
+
+
 def sampling_speed(model, n: int = 1024, batch: int = 256) -> float:
     """Images/s of eager generation (seeds → images, uint8) after one warm-up batch."""
     from training.sample import sample_images
@@ -50,54 +137,139 @@ def sampling_speed(model, n: int = 1024, batch: int = 256) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def _cell(r: dict[str, Any], key: str) -> str:
+    v = r.get(key)
+    if v is None:
+        return "n/a"
+    return {"fd_clf": f"{v:.1f}", "kid_clf": f"{v:.1f}", "images_per_s": f"{v:.0f}", "gen_dim": f"{v:.2f}",
+            "latent_pr": f"{v:.1f}"}.get(key, f"{v:.3f}")
+
+
+def winners(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """The model that wins each metric (ties share it); metrics a model lacks (n/a) do not count."""
+    out = {}
+    for key, label, best in METRICS:
+        have = [r for r in rows if r.get(key) is not None]
+        if have:
+            top = best(r[key] for r in have)
+            out[label] = " = ".join(r["name"] for r in have if r[key] == top)
+    return out
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    budget = (f"{meta['minutes']:g} minutes of training per model (equal wall clock; each schedule planned over "
+              "the steps that fit)" if meta.get("minutes") else f"{meta['steps']} updates per model")
     lines = [
-        f"Data set **{meta['dataset']}** (preset `{meta['preset']}`), {meta['steps']} updates of batch "
-        f"{meta['batch_size']} per model, {meta['n']} generated vs {meta['n']} test images, classifier "
-        f"`{meta['features']}` (test accuracy {meta['classifier_accuracy']:.1%}). FD-clf/KID-clf are Fréchet "
-        "distance and KID in that classifier's feature space, not FID. Device: "
-        f"{meta['device']}, {meta['threads']} torch threads.",
+        f"Data set **{meta['dataset']}** (preset `{meta['preset']}`), {budget}, batch {meta['batch_size']}; "
+        f"{meta['n']} generated vs {meta['n']} test images, classifier `{meta['features']}` (test accuracy "
+        f"{meta['classifier_accuracy']:.1%}). FD-clf/KID-clf are Fréchet distance and KID in that "
+        "classifier's feature space, not FID. gen. dim / h ratio: latent health (training/health.py; n/a for "
+        f"the latent EBM, whose prior is a Langevin chain, not a map of u). Device: {meta['device']}, "
+        f"{meta['threads']} torch threads.",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        "| model | updates | lr | train time | FD-clf ↓ | (blur px) | KID-clf ↓ | precision-clf ↑ | recall-clf ↑ | "
+        "gen. dim ↑ | h ratio ↑ | sampling img/s ↑ |",
+        "|" + "---|" * 12,
     ]
     for r in rows:
+        blur = r.get("fd_clf_blur_px")
         lines.append(
-            f"| {r['name']} | {r['updates']} | {r['train_seconds'] / 60:.1f} min | {r['fd_clf']:.2f} | "
-            f"{r['kid_clf']:.4f} | {r['precision_clf']:.3f} | {r['recall_clf']:.3f} | {r['images_per_s']:.0f} |"
+            f"| {r['name']} | {r['updates']} | {r['lr']:g} | {r['train_seconds'] / 60:.1f} min | "
+            f"{_cell(r, 'fd_clf')} | "
+            f"{'n/a' if blur is None else f'{blur:.2f}'} | {_cell(r, 'kid_clf')} | {_cell(r, 'precision_clf')} | "
+            f"{_cell(r, 'recall_clf')} | {_cell(r, 'gen_dim')} | {_cell(r, 'latent_pr')} | {_cell(r, 'images_per_s')} |"
         )
+    lines += ["", "Best per metric: " + "; ".join(f"{k}: {v}" for k, v in winners(rows).items()) + "."]
+    if meta.get("blur_ladder"):
+        lines += ["", "Blur ladder (real training images blurred by σ px vs the same test images):", "",
+                  "| σ px | FD-clf | KID-clf | precision-clf | recall-clf |", "|---|---|---|---|---|"]
+        lines += [f"| {g['sigma']:.1f} | {g['fd_clf']:.1f} | {g['kid_clf']:.1f} | {g['precision_clf']:.3f} | "
+                  f"{g['recall_clf']:.3f} |" for g in meta["blur_ladder"]]
+    if meta.get("sweeps"):
+        lines += ["", f"Learning-rate sweeps ({meta['minutes'] / 4:g} minutes each, n = {meta['sweep_n']}; the "
+                  "lowest FD-clf is kept):", "", "| model | ×lr | lr | updates | FD-clf | recall-clf |",
+                  "|---|---|---|---|---|---|"]
+        for name, runs in meta["sweeps"].items():
+            lines += [f"| {MODEL_NAMES[name]} | {s['factor']:g} | {s['lr']:g} | {s['updates']} | {s['fd_clf']:.1f} | "
+                      f"{s['recall_clf']:.3f} |" for s in runs]
+    if meta.get("lr_from"):
+        lines += ["", f"Learning-rate factors reused from `{meta['lr_from']}`: "
+                  + ", ".join(f"{MODEL_NAMES[k]} ×{v:g}" for k, v in meta["lr_factors"].items()) + "."]
     lines += ["", f"Command: `{meta['command']}`"]
     return "\n".join(lines) + "\n"
 
 
-def compare(preset: str, steps: int, out: Path, models: list[str], n: int, posterior: str | None = None,
-            data_root: str | None = None, features: str | None = None, device: str = "cpu",
-            progress: bool = True, command: str = "") -> tuple[list[dict[str, Any]], str]:
+def _score(model, cfg: KAEMConfig, n: int, data_root: str | None, features: str | None, dev: torch.device,
+           progress: bool, ladder: bool) -> dict[str, Any]:
     from training.evaluate import evaluate
 
+    return evaluate(model, cfg.train.dataset, n, data_root=data_root, features=features, device=dev, ladder=ladder,
+                    progress=progress)
+
+
+def sweep_lr(cfg: KAEMConfig, out: Path, minutes: float, n: int, data_root: str | None, features: str | None,
+             dev: torch.device, progress: bool) -> tuple[float, list[dict[str, Any]]]:
+    """Train ``cfg`` at each of :data:`LR_FACTORS` × its learning rate for ``minutes``; the factor with the
+    lowest FD-clf (n images) and every run's scores."""
+    runs = []
+    for factor in LR_FACTORS:
+        c = with_lr_factor(cfg, factor)
+        path = train_for_minutes(c, out / f"{cfg.model}-lr{factor:g}", minutes, data_root, dev, progress)
+        model, ckpt = load_model(path, map_location=dev)
+        rep = _score(model, c, n, data_root, features, dev, progress, ladder=False)
+        runs.append({"factor": factor, "lr": c.train.lr, "updates": int(ckpt["step"]), "fd_clf": rep["fd_clf"],
+                     "recall_clf": rep["recall_clf"]})
+    return min(runs, key=lambda s: s["fd_clf"])["factor"], runs
+
+
+def compare(preset: str, steps: int | None, out: Path, models: list[str], n: int, posterior: str | None = None,
+            data_root: str | None = None, features: str | None = None, device: str = "cpu",
+            progress: bool = True, command: str = "", minutes: float | None = None, lr_sweep: bool = False,
+            lr_from: str | None = None, sweep_n: int = 2000) -> tuple[list[dict[str, Any]], str]:
+    from training.evaluate import blur_equivalent
+
     dev = resolve_device(device)
-    base = with_overrides(get_preset(preset), steps=steps)
+    base = get_preset(preset) if minutes else with_overrides(get_preset(preset), steps=steps)
     if posterior is not None:
         base = replace(base, posterior=replace(base.posterior, kind=posterior))
+    factors: dict[str, float] = {}
+    meta: dict[str, Any] = {"minutes": minutes, "steps": steps}
+    if lr_from:
+        chosen = json.loads(Path(lr_from).read_text())["meta"].get("lr_factors", {})
+        factors = {k: float(v) for k, v in chosen.items() if k in models}
+        meta.update(lr_from=lr_from, lr_factors=factors)
+    elif lr_sweep:
+        meta["sweeps"], meta["sweep_n"] = {}, min(n, sweep_n)
+        for name in (m for m in models if m in BASELINES):
+            factors[name], meta["sweeps"][name] = sweep_lr(with_model(base, name), out / "sweep", minutes / 4,
+                                                           meta["sweep_n"], data_root, features, dev, progress)
+        meta["lr_factors"] = factors
     rows: list[dict[str, Any]] = []
-    meta: dict[str, Any] = {}
-    for name in models:
-        cfg = with_model(base, name)
-        ckpt_path = train_or_load(cfg, out / name, data_root, dev, progress)
+    for i, name in enumerate(models):
+        cfg = with_lr_factor(with_model(base, name), factors.get(name, 1.0))
+        if minutes:
+            ckpt_path = train_for_minutes(cfg, out / f"{name}-{minutes:g}min", minutes, data_root, dev, progress)
+        else:
+            ckpt_path = train_or_load(cfg, out / name, data_root, dev, progress)
         model, ckpt = load_model(ckpt_path, map_location=dev)
-        report = evaluate(model, cfg.train.dataset, n, data_root=data_root, features=features, device=dev,
-                          ladder=False, progress=progress)  # the table's numbers only; kaem-eval adds the ladder
+        report = _score(model, cfg, n, data_root, features, dev, progress, ladder=i == 0)  # the ladder is data-only
+        health = report.get("latent_health", {})
         label = MODEL_NAMES[name] + (f" ({cfg.posterior.kind.upper()})" if name == "kaem" else "")
         rows.append({
             "model": name, "name": label, "checkpoint": str(ckpt_path), "updates": int(ckpt["step"]),
-            "train_seconds": float(ckpt["train_state"].get("train_seconds", float("nan"))),
-            "images_per_s": sampling_speed(model),
+            "lr": cfg.train.lr, "train_seconds": float(ckpt["train_state"].get("train_seconds", float("nan"))),
+            "images_per_s": sampling_speed(model), "gen_dim": health.get("gen_dim"),
+            "latent_pr": health.get("latent_pr"),
             **{k: report[k] for k in ("fd_clf", "kid_clf", "kid_clf_std", "precision_clf", "recall_clf")},
         })
-        meta = {"dataset": cfg.train.dataset, "preset": preset, "steps": steps, "batch_size": cfg.train.batch_size,
-                "n": report["n"], "features": report["classifier"]["path"],
-                "classifier_accuracy": report["classifier"]["test_accuracy"], "device": str(dev),
-                "threads": torch.get_num_threads(), "command": command}
+        if "blur_ladder" in report:
+            meta["blur_ladder"] = report["blur_ladder"]
+        meta.update({"dataset": cfg.train.dataset, "preset": preset, "batch_size": cfg.train.batch_size,
+                     "n": report["n"], "features": report["classifier"]["path"],
+                     "classifier_accuracy": report["classifier"]["test_accuracy"], "device": str(dev),
+                     "threads": torch.get_num_threads(), "command": command})
+    for r in rows:  # the blur-equivalent σ of every model's FD-clf, on the one ladder
+        r["fd_clf_blur_px"] = blur_equivalent(r["fd_clf"], meta["blur_ladder"]) if meta.get("blur_ladder") else None
     table = markdown(rows, meta)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(table)
@@ -109,16 +281,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kaem-compare",
         description="Train (or reuse) KAEM and its VAE and latent-EBM baselines on one data set with the same "
-        "harness and number of updates, score them with classifier-space FD/KID/precision/recall (kaem-eval) and "
-        "their sampling speed, and write a markdown table (comparison.md) and comparison.json into --out. "
-        "Needs the data set's feature classifier (kaem-train-features).",
+        "harness and budget (equal updates with --steps, equal wall clock with --minutes), score them with "
+        "classifier-space FD/KID/precision/recall (kaem-eval), latent health and sampling speed, and write a "
+        "markdown table (comparison.md) and comparison.json into --out. Needs the data set's feature classifier "
+        "(kaem-train-features).",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--preset", default="fmnist", help=f"data set preset: {', '.join(PRESETS)}")
-    p.add_argument("--steps", type=int, default=1000, help="updates per model (the equal training budget)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None, help="updates per model (equal updates; default 1000)")
+    budget.add_argument("--minutes", type=float, default=None,
+                        help="wall-clock training minutes per model (equal time; schedules sized to the steps "
+                        "that fit)")
+    p.add_argument("--lr-sweep", action="store_true",
+                   help="with --minutes: first train each baseline at x0.3, x1, x3 of its preset lr for M/4 minutes "
+                   "and keep the lowest FD-clf")
+    p.add_argument("--lr-from", default=None, metavar="COMPARISON_JSON",
+                   help="reuse the lr factors chosen by another comparison's sweep (e.g. Fashion-MNIST's for MNIST)")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
     p.add_argument("--posterior", choices=POSTERIOR_KINDS, default=None, help="KAEM's estimator (default: preset's)")
     p.add_argument("--n", type=int, default=2000, help="generated and real images per metric")
+    p.add_argument("--sweep-n", type=int, default=2000, help="images per metric in the lr sweep's runs")
     p.add_argument("--features", default=None, help="classifier file (default: features/<dataset>.pt)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the project's data/)")
     p.add_argument("--out", default=None, help="folder for the runs and the table (default: runs/compare-<preset>)")
@@ -134,14 +317,22 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(models) - set(MODELS))
     if unknown or not models:
         raise UserError(f"--models: unknown {unknown or 'empty list'}; choose from {', '.join(MODELS)}")
-    if args.steps < 1 or args.n < 2:
-        raise UserError("--steps must be >= 1 and --n >= 2")
+    steps = args.steps if args.steps is not None or args.minutes is not None else 1000
+    if (steps is not None and steps < 1) or (args.minutes is not None and args.minutes <= 0) or args.n < 2:
+        raise UserError("--steps must be >= 1, --minutes > 0 and --n >= 2")
+    if (args.lr_sweep or args.lr_from) and args.minutes is None:
+        raise UserError("--lr-sweep and --lr-from go with --minutes (the sweep runs at M/4 minutes)")
+    if args.lr_sweep and args.lr_from:
+        raise UserError("--lr-sweep and --lr-from exclude each other: sweep here, or reuse another sweep")
+    if args.lr_from and not Path(args.lr_from).is_file():
+        raise UserError(f"--lr-from: {args.lr_from} not found (a comparison.json written by kaem-compare --lr-sweep)")
     from training.data import DataError
 
     command = "kaem-compare " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        _, table = compare(args.preset, args.steps, Path(args.out or f"runs/compare-{args.preset}"), models, args.n,
-                           args.posterior, args.data_root, args.features, args.device, not args.no_progress, command)
+        _, table = compare(args.preset, steps, Path(args.out or f"runs/compare-{args.preset}"), models, args.n,
+                           args.posterior, args.data_root, args.features, args.device, not args.no_progress, command,
+                           minutes=args.minutes, lr_sweep=args.lr_sweep, lr_from=args.lr_from, sweep_n=args.sweep_n)
     except DataError as err:
         raise UserError(str(err)) from err
     print(table)

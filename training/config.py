@@ -321,20 +321,22 @@ def _colour_train(dataset: str, lr: float) -> TrainConfig:
 # paper's KART layout trained by IS collapses to one effective direction (u_p shared over q, and "best of
 # N_s shared proposals" gives only the direction that picks the best proposal any signal): here every
 # latent coordinate is its own mixture of P energies (spec §1.2, 2Q uniforms) and the posterior is
-# resample-move: each image's chain starts at one of N_s = 1,000 shared proposals drawn by importance
+# resample-move: each image's chain starts at one of N_s = 3,000 shared proposals drawn by importance
 # weight, then 5 ULA moves in the prior's noise space (losses.is_ula_loss). η = 5e-5: on this σ = 0.1
 # likelihood 1e-4 and 2e-4 gave more generator dimensions but worse FD-clf after 5 minutes (212-259 vs
 # 199), 3e-4 in z overshoots (the data term falls from -1,228 to -2,336 in 5 moves). At one learning rate
 # for everything the prior kept sharpening after step ~4,500 and took the data term and the generator
 # dimension down with it (FD-clf 151 at step 5,000 → 149 at 7,000, generator dimension 5.6 → 4.4); the
 # prior at 1/5 of the decoder's rate (the author's ratio, spec §10) and a cosine decay to 0.1 gave FD-clf
-# 125.5 in the same 30 minutes. 8,500 steps of batch 100 take about 30 min on 2 cores. The Langevin
+# 125.5 in the same 30 minutes. With the faster step, 3,000 proposals beat 1,000 at equal time (10 minutes:
+# FD-clf 126.6 vs 132.2; 10 ULA moves instead of 5: 147.7; docs/prior_designs.md). 8,000 steps of batch 100
+# take about 28 min on 2 cores. The Langevin
 # settings also serve --posterior ula|mala|thermo (N_t = 4 temperatures); the quadrature domain follows
 # z-space chains during the grid-refit phase (is_ula's chains cannot leave it).
 _GREY_PRIOR = PriorConfig(kind="mixture")
-_GREY_POSTERIOR = PosteriorConfig(kind="is_ula", n_samples=1000, step_size=5e-5, langevin_steps=5, n_temps=4,
+_GREY_POSTERIOR = PosteriorConfig(kind="is_ula", n_samples=3000, step_size=5e-5, langevin_steps=5, n_temps=4,
                                   power_start=1.0, power_end=6.0)
-_GREY_TRAIN = {"domain_update": True, "steps": 8_500, "log_every": 100, "lr_schedule": "cosine",
+_GREY_TRAIN = {"domain_update": True, "steps": 8_000, "log_every": 100, "lr_schedule": "cosine",
                "prior_lr_ratio": 0.2}
 
 PRESETS: dict[str, KAEMConfig] = {

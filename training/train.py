@@ -225,6 +225,8 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
     tc = cfg.train
     # Grids follow posterior chains (after the step) under Langevin-family training, prior draws before it otherwise.
     langevin = cfg.model == "lebm" or (cfg.model == "kaem" and cfg.posterior.kind != "is")
+    # Whether the refits also move the quadrature domain to the chains (chains that move z itself).
+    domain_follows = tc.domain_update and (cfg.model != "kaem" or cfg.posterior.kind in CHAINS_IN_Z)
     carry = {k: v[rank].to(device) for k, v in train_state["carry"].items() if v.shape[0] == world}
     if len(carry) < len(train_state["carry"]) and is_main:
         print("resume: sampler state was saved with another number of ranks; it starts afresh", file=sys.stderr)
@@ -296,8 +298,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
                 train_state["carry"] = {k: gather_ranks(v, world).cpu() for k, v in new_carry.items()}
                 carry = {k: v.detach() for k, v in new_carry.items()}
             if refit and langevin and z_post is not None:
-                refit_from_posterior(model, gather_ranks(z_post.detach(), world).flatten(0, 1),
-                                     tc.domain_update and (cfg.model != "kaem" or cfg.posterior.kind in CHAINS_IN_Z))
+                refit_from_posterior(model, gather_ranks(z_post.detach(), world).flatten(0, 1), domain_follows)
 
             # Logging (rank 0): averages over the window, images/s over all ranks.
             for k, v in stats.items():
@@ -310,7 +311,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
                 rec = {"step": done, **{k: v / n_acc for k, v in acc.items()},
                        **({"lr_factor": lr_factor(tc, step)} if tc.lr_schedule != "constant" else {}),
                        "images_per_s": n_acc * tc.batch_size * world / max(dt, 1e-9), "time": time.time()}
-                if langevin and tc.domain_update and cfg.model == "kaem" and cfg.posterior.kind in CHAINS_IN_Z:
+                if langevin and domain_follows and cfg.model == "kaem":
                     rec["domain"] = [round(v, 5) for v in model.prior.domain.tolist()]
                 health = latent_health(model) if hasattr(model, "latent_of_u") else None
                 if health is not None:

@@ -144,6 +144,7 @@ def test_kaem_compare_at_equal_wall_clock_with_lr_sweep(tmp_path: Path) -> None:
         # the schedule is sized from the measured step time, and the run stopped at the budget or the plan
         assert plan["finished"] and plan["steps"] == max(10, int(0.9 * 60 * minutes / plan["seconds_per_step"]))
         assert 0 < r["updates"] <= plan["steps"] and r["train_seconds"] < 60 * minutes + 5
+        assert r["planned_steps"] == plan["steps"]
         assert r["fd_clf"] > 0 and (r["fd_clf_blur_px"] is None or r["fd_clf_blur_px"] >= 0)
     assert rows[0]["gen_dim"] > 0 and rows[1]["gen_dim"] > 0 and rows[2]["gen_dim"] is None  # LEBM: n/a
     preset_lr = get_preset("digits").train.lr

@@ -145,6 +145,12 @@ def _cell(r: dict[str, Any], key: str) -> str:
             "latent_pr": f"{v:.1f}"}.get(key, f"{v:.3f}")
 
 
+def _updates(r: dict[str, Any]) -> str:
+    """Updates made; under --minutes "n of planned" when the budget ended the run before its schedule did."""
+    planned = r.get("planned_steps")
+    return f"{r['updates']} of {planned}" if planned and r["updates"] < planned else str(r["updates"])
+
+
 def winners(rows: list[dict[str, Any]]) -> dict[str, str]:
     """The model that wins each metric (ties share it); metrics a model lacks (n/a) do not count."""
     out = {}
@@ -174,7 +180,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in rows:
         blur = r.get("fd_clf_blur_px")
         lines.append(
-            f"| {r['name']} | {r['updates']} | {r['lr']:g} | {r['train_seconds'] / 60:.1f} min | "
+            f"| {r['name']} | {_updates(r)} | {r['lr']:g} | {r['train_seconds'] / 60:.1f} min | "
             f"{_cell(r, 'fd_clf')} | "
             f"{'n/a' if blur is None else f'{blur:.2f}'} | {_cell(r, 'kid_clf')} | {_cell(r, 'precision_clf')} | "
             f"{_cell(r, 'recall_clf')} | {_cell(r, 'gen_dim')} | {_cell(r, 'latent_pr')} | {_cell(r, 'images_per_s')} |"
@@ -254,9 +260,12 @@ def compare(preset: str, steps: int | None, out: Path, models: list[str], n: int
         model, ckpt = load_model(ckpt_path, map_location=dev)
         report = _score(model, cfg, n, data_root, features, dev, progress, ladder=i == 0)  # the ladder is data-only
         health = report.get("latent_health", {})
+        plan_path = ckpt_path.parent / BUDGET_FILE
+        planned = json.loads(plan_path.read_text())["steps"] if minutes and plan_path.is_file() else None
         label = MODEL_NAMES[name] + (f" ({cfg.posterior.kind.upper()})" if name == "kaem" else "")
         rows.append({
             "model": name, "name": label, "checkpoint": str(ckpt_path), "updates": int(ckpt["step"]),
+            "planned_steps": planned,
             "lr": cfg.train.lr, "train_seconds": float(ckpt["train_state"].get("train_seconds", float("nan"))),
             "images_per_s": sampling_speed(model), "gen_dim": health.get("gen_dim"),
             "latent_pr": health.get("latent_pr"),

@@ -29,6 +29,10 @@ OUTPUT_MEAN_DTYPE = "TYPE_FP32"
 U_EPS = 1e-6
 
 DEFAULT_MODEL_NAME = "kaem_fmnist"
+# "fp32": the seed -> same image guarantee (eager, onnxruntime, Triton). "fp16": the decoder's matmuls in
+# half precision (for GPUs), within one grey level of fp32 but not identical, so never the default model
+# and always published under its own name. Models exported before this field existed are fp32.
+PRECISIONS = ("fp32", "fp16")
 DEFAULT_MAX_BATCH_SIZE = 256
 
 METADATA_PREFIX = "kaem."
@@ -53,6 +57,7 @@ class ModelContract:
     preset: str
     contract_version: str = CONTRACT_VERSION
     generator_version: str = GENERATOR_VERSION
+    precision: str = "fp32"
 
     @property
     def u_dim(self) -> int:
@@ -79,6 +84,7 @@ class ModelContract:
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> ModelContract:
         """Parse and validate metadata; raise :class:`ContractError` naming what is missing or wrong."""
+        meta = {f"{_PREFIX}precision": "fp32", **meta}  # exported before precisions existed: fp32
         missing = [f.name for f in dataclasses.fields(cls) if f"{_PREFIX}{f.name}" not in meta]
         if missing:
             raise ContractError(
@@ -111,6 +117,8 @@ class ModelContract:
                 f"model was exported for seed generator {self.generator_version!r}, this software uses"
                 f" {GENERATOR_VERSION!r}: the same seed would give a different image"
             )
+        if self.precision not in PRECISIONS:
+            raise ContractError(f"unknown precision {self.precision!r} (this software knows {', '.join(PRECISIONS)})")
         if self.prior_kind not in PRIOR_KINDS:
             raise ContractError(f"unknown prior kind {self.prior_kind!r} (this software knows "
                                 f"{', '.join(PRIOR_KINDS)})")

@@ -6,22 +6,42 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from export.contract import PRECISIONS
+from training.decoder import KANDecoder
 from training.images import to_uint8_nhwc
 from training.model import KAEM
+from training.prior import BucketLookup
 
 
 class ServedGenerator(nn.Module):
     """One forward pass: sanitize u → ITS on the constant CDF table → decoder → sigmoid → uint8.
 
-    Eager sampling (``training.sample``) runs the very same ``KAEM.generate`` with the same table,
-    so eager, onnxruntime and Triton agree."""
+    The table is baked with its :class:`BucketLookup` (O(1) per coordinate; the same index as the
+    binary search of eager sampling, ``training.sample``), so eager, onnxruntime and Triton agree.
+    The decoder's spline matrices are baked too (``precision="fp16"``: in half precision, for GPUs;
+    within one grey level of fp32, never the seed -> same image guarantee)."""
 
-    def __init__(self, model: KAEM):
+    def __init__(self, model: KAEM, precision: str = "fp32"):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model = model.eval()
+        self.precision = precision
+        kan = isinstance(model.decoder, KANDecoder)
+        if precision != "fp32" and not kan:
+            raise ValueError(f"a {precision} export needs the KAN decoder, not {type(model.decoder).__name__}")
+        dtype = torch.float16 if precision == "fp16" else torch.float32
         with torch.no_grad():
-            self.register_buffer("cdf", model.prior.cdf_table().detach().clone())
+            self.lookup = BucketLookup(model.prior.cdf_table())
+            self.n_weights = len(model.decoder.layers) if kan else 0
+            for i in range(self.n_weights):
+                self.register_buffer(f"weight{i}", model.decoder.layers[i].weight().detach().to(dtype).clone())
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        mean = self.model.generate(u, self.cdf)
+        h = self.model.latent_of_u(u, lookup=self.lookup)
+        if self.n_weights:
+            logits = self.model.decoder(h, [getattr(self, f"weight{i}") for i in range(self.n_weights)])
+        else:
+            logits = self.model.decoder(h)
+        mean = torch.sigmoid(logits)
         return to_uint8_nhwc(mean), mean.permute(0, 2, 3, 1)

@@ -25,6 +25,7 @@ from export.contract import (
     INPUT_U,
     OUTPUT_IMAGES,
     OUTPUT_MEAN,
+    PRECISIONS,
     ModelContract,
 )
 from export.module import ServedGenerator
@@ -42,6 +43,7 @@ FORBIDDEN_OPS = {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNo
 # level (a mean within ~1e-6 of a rounding boundary can round either way).
 MEAN_TOL = 1e-4
 PIXEL_TOL = 1
+FP16_MEAN_TOL = 4e-3  # the fp16 graph against fp32 eager: within about one grey level (1/255 = 3.9e-3)
 
 
 class ExportError(Exception):
@@ -61,17 +63,17 @@ class ExportReport:
     health: LatentHealth
 
 
-def contract_for(model: KAEM) -> ModelContract:
+def contract_for(model: KAEM, precision: str = "fp32") -> ModelContract:
     cfg = model.cfg
     c, h, w = cfg.decoder.image_shape
     return ModelContract(prior_kind=cfg.prior.kind, P=cfg.prior.P, Q=cfg.prior.Q, image_h=h, image_w=w,
-                         image_c=c, config_id=cfg.identity(), preset=cfg.preset)
+                         image_c=c, config_id=cfg.identity(), preset=cfg.preset, precision=precision)
 
 
-def export_graph(model: KAEM, path: Path, opset: int = DEFAULT_OPSET, extra_meta: dict[str, str] | None = None
-                 ) -> onnx.ModelProto:
+def export_graph(model: KAEM, path: Path, opset: int = DEFAULT_OPSET, extra_meta: dict[str, str] | None = None,
+                 precision: str = "fp32") -> onnx.ModelProto:
     """Export with the dynamo exporter, a dynamic batch axis and the contract's tensor names."""
-    gen = ServedGenerator(model).eval()
+    gen = ServedGenerator(model, precision).eval()
     u = torch.rand(4, model.u_dim)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with warnings.catch_warnings(), torch.no_grad():
@@ -81,7 +83,7 @@ def export_graph(model: KAEM, path: Path, opset: int = DEFAULT_OPSET, extra_meta
                                  optimize=True, verbose=False)
     proto = prog.model_proto
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
-    meta = {**contract_for(model).to_metadata(), **(extra_meta or {})}
+    meta = {**contract_for(model, precision).to_metadata(), **(extra_meta or {})}
     del proto.metadata_props[:]
     for k, v in sorted(meta.items()):
         proto.metadata_props.add(key=k, value=v)
@@ -130,8 +132,10 @@ def ort_session(path: Path, threads: int | None = None, flush_denormal: bool = F
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def check_parity(model: KAEM, sess, batch_sizes: tuple[int, ...] = (1, 64)) -> tuple[float, int]:
-    """onnxruntime session vs PyTorch eager on the same uniforms (edge values and NaN included)."""
+def check_parity(model: KAEM, sess, batch_sizes: tuple[int, ...] = (1, 64), precision: str = "fp32"
+                 ) -> tuple[float, int]:
+    """onnxruntime session vs PyTorch eager (fp32) on the same uniforms (edge values and NaN included); an
+    fp16 graph gets FP16_MEAN_TOL on the mean, the same one grey level on the images."""
     gen = ServedGenerator(model).eval()
     worst_mean, worst_px = 0.0, 0
     for b in batch_sizes:
@@ -147,8 +151,9 @@ def check_parity(model: KAEM, sess, batch_sizes: tuple[int, ...] = (1, 64)) -> t
             raise ExportError(f"onnxruntime produced non-finite pixels at batch {b}")
         worst_mean = max(worst_mean, float(np.abs(mean_o - mean_t.numpy()).max()))
         worst_px = max(worst_px, int(np.abs(img_o.astype(np.int16) - img_t.numpy().astype(np.int16)).max()))
-    if worst_mean > MEAN_TOL or worst_px > PIXEL_TOL:
-        raise ExportError(f"onnxruntime differs from eager: mean {worst_mean:.3g} (tol {MEAN_TOL}), "
+    mean_tol = FP16_MEAN_TOL if precision == "fp16" else MEAN_TOL
+    if worst_mean > mean_tol or worst_px > PIXEL_TOL:
+        raise ExportError(f"onnxruntime ({precision}) differs from eager: mean {worst_mean:.3g} (tol {mean_tol}), "
                           f"pixels {worst_px} (tol {PIXEL_TOL})")
     return worst_mean, worst_px
 
@@ -193,18 +198,19 @@ def publish(onnx_file: Path, config_text: str, model_dir: Path, keep_versions: i
 
 def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "model_repository",
                       model_name: str = DEFAULT_MODEL_NAME, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                      opset: int = DEFAULT_OPSET, keep_versions: int = 2) -> ExportReport:
+                      opset: int = DEFAULT_OPSET, keep_versions: int = 2, precision: str = "fp32") -> ExportReport:
     from export.triton_config import render_config
 
     model, ckpt = load_model(checkpoint, kaem_only=True)
-    contract = contract_for(model)
+    contract = contract_for(model, precision)
     health = latent_health(model)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        proto = export_graph(model, path, opset, {"kaem.checkpoint_step": str(ckpt["step"]), **health.to_metadata()})
+        proto = export_graph(model, path, opset, {"kaem.checkpoint_step": str(ckpt["step"]), **health.to_metadata()},
+                             precision)
         ops = check_graph(proto, contract)
         sess = ort_session(path)
-        mean_diff, px_diff = check_parity(model, sess)
+        mean_diff, px_diff = check_parity(model, sess, (1, 64, 256), precision)
         ms = ort_ms_per_image(sess, contract.u_dim)
         size = path.stat().st_size
         config = render_config(model_name, contract, max_batch_size=max_batch_size)
@@ -223,7 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help="a ckpt-*.pt file or a run directory (latest checkpoint)")
     p.add_argument("--model-repository", default="model_repository", help="Triton model repository folder")
-    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="model name in the repository")
+    p.add_argument("--model-name", default=None,
+                   help=f"model name in the repository (default {DEFAULT_MODEL_NAME}; --precision fp16: "
+                   f"{DEFAULT_MODEL_NAME}_fp16)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32: the served graph gives the same image as eager sampling for a seed. fp16: the decoder's "
+                   "matmuls in half precision (for GPUs; within one grey level of fp32, not identical), published "
+                   "under its own model name and marked kaem.precision=fp16 in its contract")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="Triton max_batch_size")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 18)")
     p.add_argument("--keep-versions", type=int, default=2, help="version folders with a model to keep")
@@ -239,16 +251,26 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--max-batch-size must be in 1..65536")
     if args.keep_versions < 1:
         raise UserError("--keep-versions must be >= 1")
+    fp16 = args.precision == "fp16"
+    if args.model_name is None:
+        args.model_name = DEFAULT_MODEL_NAME + ("_fp16" if fp16 else "")
+    elif fp16 and args.model_name == DEFAULT_MODEL_NAME:
+        raise UserError(f"--precision fp16 cannot take the default model's name {DEFAULT_MODEL_NAME!r}: clients rely "
+                        "on it giving the same image as eager sampling for a seed; pick another --model-name")
     if not args.model_name.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"--model-name {args.model_name!r}: use letters, digits, '_' and '-'")
-    r = export_checkpoint(args.checkpoint, args.model_repository, args.model_name, args.max_batch_size,
-                          args.opset, args.keep_versions)
+    try:
+        r = export_checkpoint(args.checkpoint, args.model_repository, args.model_name, args.max_batch_size,
+                              args.opset, args.keep_versions, args.precision)
+    except ValueError as err:  # e.g. fp16 for a conv decoder
+        raise UserError(str(err)) from None
     c = r.contract
     print(f"exported {r.path} (version {r.version}, {r.size_bytes / 1e6:.2f} MB)")
     print(f"  input  {INPUT_U}: FP32 [batch, {c.u_dim}]  ({c.u_layout_text})")
     print(f"  output {OUTPUT_IMAGES}: UINT8 [batch, {c.image_h}, {c.image_w}, {c.image_c}];"
           f" {OUTPUT_MEAN}: FP32 same shape")
-    print(f"  parity vs eager: max |mean diff| {r.max_mean_diff:.2e}, max pixel diff {r.max_pixel_diff}")
+    print(f"  parity vs eager ({c.precision}): max |mean diff| {r.max_mean_diff:.2e}, "
+          f"max pixel diff {r.max_pixel_diff}")
     print(f"  onnxruntime CPU: {r.ms_per_image_ort:.3f} ms/image at batch 64; {len(r.ops)} op types")
     print(f"  latent health: {r.health.summary()}")
     for w in r.health.warnings():

@@ -122,3 +122,33 @@ def test_script_invocation_and_user_errors(digits_ckpt: Path, tmp_path: Path) ->
     bad = subprocess.run([sys.executable, str(script), "--checkpoint", str(digits_ckpt), "--opset", "13"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--opset" in bad.stderr
+
+
+def test_fp16_export_is_its_own_model_and_within_one_grey_level(tmp_path: Path) -> None:
+    # The optional fp16 graph (GPUs): the decoder's matmuls in half precision, published under its own name
+    # with kaem.precision=fp16 in its contract; on CPU within one grey level of the fp32 eager images.
+    ckpt = ROOT / "checkpoints" / "kaem_fmnist.pt"
+    report = export_checkpoint(ckpt, tmp_path, "kaem_fmnist_fp16", precision="fp16")
+    assert report.contract.precision == "fp16" and report.max_pixel_diff <= 1
+    proto = onnx.load(str(report.path))
+    assert {p.key: p.value for p in proto.metadata_props}["kaem.precision"] == "fp16"
+    halves = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert sum(int(np.prod(t.dims)) for t in halves) > 1_000_000  # the spline matrices really are fp16
+    cfg = parse_config((tmp_path / "kaem_fmnist_fp16" / "config.pbtxt").read_text())
+    assert cfg.parameters["kaem.precision"].string_value == "fp16"
+    model, _ = load_model(ckpt)
+    seeds = range(1024)
+    eager = sample_images(model, seeds)
+    sess = ort_session(report.path)
+    served = sess.run([OUTPUT_IMAGES], {INPUT_U: seeds_to_u(model, seeds)})[0]
+    diff = np.abs(served.astype(np.int16) - eager.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.05
+
+
+def test_fp16_never_takes_the_default_name(tmp_path: Path) -> None:
+    script = ROOT / "export" / "to_onnx.py"
+    bad = subprocess.run([sys.executable, str(script), "--checkpoint", str(ROOT / "checkpoints" / "kaem_fmnist.pt"),
+                          "--model-repository", str(tmp_path), "--model-name", "kaem_fmnist", "--precision", "fp16"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "cannot take the default model's name" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "kaem_fmnist").exists()

@@ -511,7 +511,7 @@ def test_density_on_nodes_is_normalised_with_quadrature_weights() -> None:
 
 
 def test_eager_binary_search_matches_compare_and_count() -> None:
-    # Eager ITS uses searchsorted, the exported graph compare-and-count: the same index everywhere,
+    # Eager ITS uses searchsorted, the definition is compare-and-count: the same index everywhere,
     # including ties (zero-mass cells) and u exactly on a CDF value, in both table layouts.
     from training.prior import _bucket, count_below
 
@@ -527,6 +527,65 @@ def test_eager_binary_search_matches_compare_and_count() -> None:
     rows = cdf[:, 0][torch.tensor([0, 1, 2, 3, 3, 2, 1])]  # one row per value: [B, N+1]
     v = u[:, 0, 0]
     assert torch.equal(_bucket(rows, v), count_below(rows, v))
+
+
+def _hard_tables(g: torch.Generator) -> torch.Tensor:
+    """CDF rows [R, N+1] that stress a bucket table: zero-mass runs (ties), a spike holding almost all the
+    mass (dozens of values inside one bucket, in both tails), values on bucket edges and below U_EPS."""
+    m = torch.rand(6, 40, generator=g)
+    m[0, 5:15] = 0.0  # a run of ties
+    m[1] = 1e-5
+    m[1, 20] = 1.0  # a spike: the other 39 values crowd within 2e-4 of 0 and of 1
+    m[2, :10] = 1e-12  # a left tail below U_EPS
+    m[3] = 1.0 / 40  # uniform: values k/40, some exactly on edges m/M
+    m[4, ::2] = 0.0
+    c = torch.cumsum(m, -1)
+    return torch.cat([torch.zeros(6, 1), c / c[:, -1:]], -1)
+
+
+def _edge_uniforms(table: torch.Tensor, n_buckets: int, g: torch.Generator, n: int) -> torch.Tensor:
+    """Random u plus every table value, every bucket edge m/M and the ends of the sanitised range."""
+    special = torch.cat([table.flatten(), torch.arange(n_buckets + 1) / n_buckets,
+                         torch.tensor([U_EPS, 1 - U_EPS, 0.5])])
+    return sanitize_u(torch.cat([torch.rand(n, generator=g), special]))
+
+
+def test_bucket_lookup_gives_the_binary_search_index_bit_for_bit() -> None:
+    # The served graph's O(1) lookup (bucket table + a fixed window of compares) must count exactly what
+    # searchsorted and compare-and-count do, on any non-decreasing table: ties, spikes, tails below U_EPS,
+    # u on table values and on bucket edges; with the window forced small (many buckets, up to the cap,
+    # where the window then grows to stay exact) and forced few (a wide window).
+    from training.prior import BucketLookup, count_below
+
+    g = torch.Generator().manual_seed(11)
+    table = _hard_tables(g)
+    knots = torch.linspace(-1.2, 1.2, table.shape[1])
+    for max_window, max_buckets in [(1, 1 << 12), (4, 1 << 20), (64, 16)]:
+        lookup = BucketLookup(table, max_window=max_window, max_buckets=max_buckets)
+        assert lookup.n_buckets & (lookup.n_buckets - 1) == 0 and 16 <= lookup.n_buckets <= max(16, max_buckets)
+        u = _edge_uniforms(table, lookup.n_buckets, g, 3000)
+        row = torch.randint(0, table.shape[0], u.shape, generator=g)
+        want = count_below(table[row], u)
+        assert torch.equal(lookup.count(row, u), want)
+        torch.testing.assert_close(lookup.invert(knots, row, u), inverse_cdf(table[row], knots, u), rtol=0, atol=0)
+    # the spike row: ~20 values within one bucket of 1/4096 at each end, so at the cap the window widens
+    assert BucketLookup(table[1:2], max_window=1, max_buckets=1 << 12).window > 1
+    assert BucketLookup(table[3:4], max_window=1).window == 1
+
+
+@pytest.mark.parametrize("kind", ["univariate", "folded", "independent", "mixture"])
+def test_prior_sample_with_the_bucket_lookup_equals_eager_sampling(kind: str) -> None:
+    from training.prior import BucketLookup
+
+    prior = _prior("rbf", "gaussian", kind=kind, P=3, Q=4, seed=4, scale=3.0)
+    g = torch.Generator().manual_seed(7)
+    u = torch.rand(256, prior.u_dim, generator=g)
+    u[0], u[1], u[2] = 0.0, 1.0, float("nan")
+    with torch.no_grad():
+        cdf = prior.cdf_table()
+        lookup = BucketLookup(cdf)
+        u[3] = cdf.flatten()[: prior.u_dim]  # on table values
+        assert torch.equal(prior.sample(u, lookup=lookup), prior.sample(u, cdf))
 
 
 def test_row_indexed_inversion_equals_gathered_rows_bit_for_bit() -> None:

@@ -11,10 +11,24 @@ import math
 import torch
 from torch import Tensor, nn
 
+# No subnormal floats by construction (x86 takes a many times slower path on subnormal inputs and results:
+# environment.md), forward or backward, in torch and in every runtime. e^t is subnormal in float32 below
+# t = -87.3; the floors leave room for the products with weights and gradients (e^-50 ≈ 2e-22 times
+# anything above 1e-16 is still normal). What they change is below float32's resolution of any output.
+EXP_FLOOR = -50.0
+SILU_FLOOR = -40.0  # |silu(x)| < 2e-16 below it
+
+
+class SiLU(nn.Module):
+    """x·sigmoid(x), exactly 0 below SILU_FLOOR (where its value is < 2e-16 and heads for subnormals)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(x > SILU_FLOOR, x * torch.sigmoid(torch.clamp(x, min=SILU_FLOOR)), 0.0)
+
 
 def base_activation(name: str) -> nn.Module:
     return {
-        "silu": nn.SiLU(),
+        "silu": SiLU(),
         "leaky_relu": nn.LeakyReLU(0.2),
         "gelu": nn.GELU(),
         "none": _Zero(),
@@ -61,10 +75,11 @@ class Basis(nn.Module):
         if self.kind == "rbf":
             grid = self.grid if grid is None else grid
             h = (grid[..., -1:] - grid[..., :1]) / self.size  # centre spacing per index
-            d = (x - grid) / (h * self.tau)
-            # Exponents below -87 would underflow to subnormals, on which exp and everything downstream take
-            # a ~10x slower path on x86 (environment.md); clamped, they give e^-87 ≈ 1.6e-38 instead.
-            return torch.exp(torch.clamp(-0.5 * d * d, min=-87.0))
+            scale = -0.5 / (h * self.tau).square()  # exp(-½ ((x - c) / (h τ))²) = exp(scale · (x - c)²)
+            diff = x - grid
+            # Exponents floored at EXP_FLOOR: far from a centre a basis value is e^-50 ≈ 2e-22 (normal, and so
+            # are its products with weights and gradients) instead of heading into subnormals.
+            return torch.exp(torch.clamp(diff * diff * scale, min=EXP_FLOOR))
         if self.kind == "fft":
             arg = x * (self.tau * self.freq)
             return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
@@ -193,9 +208,10 @@ class KANLayer(nn.Module):
         return (self.coef * self.w_sp.unsqueeze(-1)).transpose(1, 2).reshape(n_in * k, n_out)
 
     def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
-        """y_o = Σ_i φ_{i,o}(x_i); ``weight`` is a precomputed :meth:`weight` (a frozen decoder's)."""
+        """y_o = Σ_i φ_{i,o}(x_i); ``weight`` is a precomputed :meth:`weight` (a frozen decoder's, or the fp16
+        served graph's: then the spline matmul alone runs in half precision, its result back in x's dtype)."""
         w = self.weight() if weight is None else weight
-        y = self.basis(x).flatten(-2) @ w
+        y = (self.basis(x).flatten(-2).to(w.dtype) @ w).to(x.dtype)
         return y + self.act(x) @ self.w_base if self.use_base else y
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from training.config import KAEMConfig
 from training.decoder import build_decoder
-from training.prior import EnergyPrior
+from training.prior import BucketLookup, EnergyPrior
 
 
 class LatentImageModel(nn.Module):
@@ -86,13 +86,13 @@ class KAEM(LatentImageModel):
         dec = self.decoder.frozen()
         return lambda z: dec(self.prior.latent(z))
 
-    def latent_of_u(self, u: Tensor, cdf: Tensor | None = None) -> Tensor:
+    def latent_of_u(self, u: Tensor, cdf: Tensor | None = None, lookup: BucketLookup | None = None) -> Tensor:
         """Decoder input h[B, Q] of the uniforms ``u[B, D]`` (differentiable in u: latent health)."""
-        return self.prior.latent(self.prior.sample(u, cdf))
+        return self.prior.latent(self.prior.sample(u, cdf, lookup))
 
-    def generate(self, u: Tensor, cdf: Tensor | None = None) -> Tensor:
+    def generate(self, u: Tensor, cdf: Tensor | None = None, lookup: BucketLookup | None = None) -> Tensor:
         """Single forward pass u → x = sigmoid(g_Φ(h(F⁻¹(u)))) in [0, 1], [B, C, H, W], no noise."""
-        return torch.sigmoid(self.decoder(self.latent_of_u(u, cdf)))
+        return torch.sigmoid(self.decoder(self.latent_of_u(u, cdf, lookup)))
 
     def log_likelihood(self, x: Tensor, logits: Tensor, noise: Tensor | None) -> Tensor:
         """ℓ_{b,s} = −||x_b − sigmoid(g_s + σ_n ε_{b,s})||² / (2σ²) for all pairs, [B, S].

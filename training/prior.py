@@ -1,8 +1,9 @@
 """The KAEM energy prior: reference measures pi0, Gauss-Legendre quadrature on [a, b], CDF tables
 and exact inverse-transform sampling (spec §1, §3, §4, §9), univariate (KART) and mixture.
 
-Sampling is compare-and-count + gather + linear interpolation on a CDF table; ``u`` comes in as a
-tensor and nothing random happens inside, so the same code runs eagerly and in the ONNX graph.
+Sampling finds the CDF cell of u (a binary search eagerly, a baked bucket table + a short window of
+compares in the served graph: the same index), gathers and interpolates linearly; ``u`` comes in as a
+tensor and nothing random happens inside, so eager, onnxruntime and Triton agree.
 """
 
 from __future__ import annotations
@@ -103,20 +104,14 @@ def count_below(table: Tensor, value: Tensor) -> Tensor:
     return (table < value.unsqueeze(-1)).to(torch.float32).sum(-1).to(torch.int64)
 
 
-def _exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-
-
 def _bucket(cdf: Tensor, u: Tensor) -> Tensor:
-    """#{j : C_j < u} per value. Eagerly a binary search (the same index: searchsorted's left side
-    counts the entries strictly below u in the non-decreasing rows, ~10× cheaper at batch 64 than
-    the comparison tensor [B, Q, P, N+1]); in an exported graph the compare-and-count, since
-    searchsorted has no ONNX export (environment.md)."""
-    if not _exporting():
-        if cdf.dim() == u.dim() + 1 and cdf.shape[:-1] == u.shape:  # one row per value (mixture)
-            return torch.searchsorted(cdf.contiguous(), u.unsqueeze(-1).contiguous()).squeeze(-1)
-        if cdf.dim() == u.dim() and cdf.shape[:-1] == u.shape[1:]:  # rows shared over the batch
-            return torch.searchsorted(cdf.contiguous(), u.movedim(0, -1).contiguous()).movedim(-1, 0)
+    """#{j : C_j < u} per value, by binary search: searchsorted's left side counts the entries strictly
+    below u in the non-decreasing rows, the same index as compare-and-count over the row and as
+    :class:`BucketLookup` (the served graph's; searchsorted has no ONNX export, environment.md)."""
+    if cdf.dim() == u.dim() + 1 and cdf.shape[:-1] == u.shape:  # one row per value
+        return torch.searchsorted(cdf.contiguous(), u.unsqueeze(-1).contiguous()).squeeze(-1)
+    if cdf.dim() == u.dim() and cdf.shape[:-1] == u.shape[1:]:  # rows shared over the batch
+        return torch.searchsorted(cdf.contiguous(), u.movedim(0, -1).contiguous()).movedim(-1, 0)
     return count_below(cdf, u)
 
 
@@ -147,6 +142,75 @@ def inverse_cdf_rows(table: Tensor, knots: Tensor, row: Tensor, u: Tensor) -> Te
     base = row * (n + 1)
     table_flat = table.flatten()
     return _interpolate(table_flat[base + k - 1], table_flat[base + k], knots[k - 1], knots[k], u)
+
+
+class BucketLookup(nn.Module):
+    """Inverse-transform lookup in O(1) per coordinate on a fixed CDF table (the served graph's prior).
+
+    u ∈ [m/M, (m+1)/M) lies in bucket m (M a power of two, so ``floor(u·M)`` is exact in float32 in every
+    runtime). With start = #{j : C_rj < m/M} (bucket 0 from U_EPS, the least sanitised u) and rows
+    non-decreasing, #{j : C_rj < u} = start + #{i < W : C_r,start+i < u} whenever no bucket holds more
+    than W table values: a fixed window of W compares gives exactly the index of the binary search (and of
+    compare-and-count over the whole row). One record per (row, bucket) holds what the inversion reads,
+    so the graph gathers one row per coordinate: [-(start + 1), C_start-1, C_start, ..., C_start+W] (W + 3
+    floats, exact in float32). Counted against u, the record gives start's slot and C_start-1 (both always
+    below u: negative, and below the bucket's lower edge or C_0 = 0), the window, and C_start+W (never below
+    u: at or past the bucket's upper edge, or C_N = 1): count = #{record < u} − 2 with no slicing, and
+    C_k-1, C_k sit at record slots count + 1 and count + 2. M is the least power of two ≥ 16 with W ≤
+    ``max_window`` (capped at ``max_buckets``, where W is whatever that M needs: still exact)."""
+
+    def __init__(self, cdf: Tensor, max_window: int = 12, max_buckets: int = 4096):
+        super().__init__()
+        rows = cdf.detach().reshape(-1, cdf.shape[-1]).float().contiguous()  # [R, N+1]
+        self.n_cols = rows.shape[1]
+        m = 16
+        while True:
+            start = self._starts(rows, m)  # [R, M+1]
+            window = max(1, int((start[:, 1:] - start[:, :-1]).max()))
+            if window <= max_window or m >= max_buckets:
+                break
+            m *= 2
+        self.n_buckets = m
+        start = start[:, :-1]  # [R, M]
+        # C at start-1 .. start+W, clamped into the row: C_{-1} is never read (k >= 1), past the end C_N = 1 > u
+        cols = torch.clamp(start.unsqueeze(-1) + torch.arange(-1, window + 1), 0, self.n_cols - 1)
+        values = torch.gather(rows.unsqueeze(1).expand(-1, m, -1), -1, cols)
+        self.register_buffer("records", torch.cat([-(start.unsqueeze(-1).float() + 1), values], -1).flatten(0, 1))
+
+    @staticmethod
+    def _starts(rows: Tensor, m: int) -> Tensor:
+        edges = torch.arange(m + 1, dtype=torch.float32, device=rows.device) / m
+        edges[0] = U_EPS
+        return torch.searchsorted(rows, edges.expand(rows.shape[0], -1).contiguous())  # #{j : C_j < edge}
+
+    @property
+    def window(self) -> int:
+        return self.records.shape[1] - 3
+
+    def _locate(self, row: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(start, #{record < u}, the records) for sanitised ``u`` and table rows ``row``."""
+        m = torch.clamp(torch.floor(u * self.n_buckets), 0, self.n_buckets - 1).to(torch.int64)
+        flat = (row * self.n_buckets + m).expand(u.shape).reshape(-1)
+        rec = torch.index_select(self.records, 0, flat).view(*u.shape, self.records.shape[1])
+        start = (-rec[..., 0] - 1).to(torch.int64)
+        return start, count_below(rec, u), rec
+
+    def count(self, row: Tensor, u: Tensor) -> Tensor:
+        """#{j : C_row,j < u} for sanitised ``u`` and row indices ``row`` broadcastable to it, int64."""
+        start, below, _ = self._locate(row, u)
+        return start + below - 2
+
+    def invert(self, knots: Tensor, row: Tensor, u: Tensor) -> Tensor:
+        """F⁻¹ of table row ``row`` at ``u``: the same k, table values and interpolation as :func:`inverse_cdf`
+        (k = start + count lies in 1..N for sanitised u, so C_k-1 and C_k are record slots count + 1 and
+        count + 2, i.e. below − 1 and below)."""
+        start, below, rec = self._locate(row, u)
+        k = torch.clamp(start + below - 2, 1, self.n_cols - 1)
+        c_lo = torch.gather(rec, -1, (below - 1).unsqueeze(-1)).squeeze(-1)
+        c_hi = torch.gather(rec, -1, below.unsqueeze(-1)).squeeze(-1)
+        t_lo = torch.index_select(knots, 0, (k - 1).reshape(-1)).view(k.shape)
+        t_hi = torch.index_select(knots, 0, k.reshape(-1)).view(k.shape)
+        return _interpolate(c_lo, c_hi, t_lo, t_hi, u)
 
 
 def _interpolate(c_lo: Tensor, c_hi: Tensor, t_lo: Tensor, t_hi: Tensor, u: Tensor) -> Tensor:
@@ -247,27 +311,31 @@ class EnergyPrior(nn.Module):
         c = c / c[..., -1:]
         return torch.cat([torch.zeros_like(c[..., :1]), c], dim=-1)
 
-    def sample(self, u: Tensor, cdf: Tensor | None = None) -> Tensor:
+    def sample(self, u: Tensor, cdf: Tensor | None = None, lookup: BucketLookup | None = None) -> Tensor:
         """Exact ITS samples from uniforms ``u[B, D]``: univariate z[B, Q, P] (u_p shared over q),
-        mixture z[B, Q]. ``cdf`` is a precomputed table (export bakes it in as a constant)."""
-        if cdf is None:
+        mixture z[B, Q]. ``cdf`` is a precomputed table; ``lookup`` a :class:`BucketLookup` of it (the
+        served graph: O(1) per coordinate, the same index as the binary search used otherwise)."""
+        if cdf is None and lookup is None:
             with torch.no_grad():
                 cdf = self.cdf_table()
         u = sanitize_u(u)
-        if self.kind == "univariate":
-            return inverse_cdf(cdf, self.knots, u.unsqueeze(1).expand(-1, self.Q, -1))
-        if self.kind == "folded":
-            return inverse_cdf(cdf, self.knots, sanitize_u(tent_fold(u.unsqueeze(1) + self.fold_shift)))
-        if self.kind == "independent":
-            return inverse_cdf(cdf, self.knots, u.view(-1, self.Q, self.P))
-        v, w = u[:, : self.Q], u[:, self.Q :]
-        # Component p* = #{p : cumsum(α_q)_p < v} (compare-and-count), then invert its CDF row.
-        p_star = torch.clamp(count_below(self.cum_alpha, v), 0, self.P - 1)
-        row = torch.arange(self.Q, device=u.device) * self.P + p_star
-        if not _exporting():
+        if self.kind == "mixture":
+            v, w = u[:, : self.Q], u[:, self.Q :]
+            # Component p* = #{p : cumsum(α_q)_p < v} (compare-and-count), then invert its CDF row.
+            p_star = torch.clamp(count_below(self.cum_alpha, v), 0, self.P - 1)
+            row = torch.arange(self.Q, device=u.device) * self.P + p_star
+            if lookup is not None:
+                return lookup.invert(self.knots, row, w)
             return inverse_cdf_rows(cdf.reshape(self.Q * self.P, -1), self.knots, row, w)
-        rows = cdf.reshape(self.Q * self.P, -1)[row]  # [B, Q, N+1]: the graph gathers the rows
-        return inverse_cdf(rows, self.knots, w)
+        if self.kind == "univariate":
+            u = u.unsqueeze(1).expand(-1, self.Q, -1)
+        elif self.kind == "folded":
+            u = sanitize_u(tent_fold(u.unsqueeze(1) + self.fold_shift))
+        else:  # independent
+            u = u.view(-1, self.Q, self.P)
+        if lookup is not None:
+            return lookup.invert(self.knots, torch.arange(self.Q * self.P, device=u.device).view(self.Q, self.P), u)
+        return inverse_cdf(cdf, self.knots, u)
 
     def latent(self, z: Tensor) -> Tensor:
         """Decoder input h[B, Q]: h_q = Σ_p z_{q,p} (KART layouts) or z_q itself (mixture)."""

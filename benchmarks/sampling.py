@@ -20,6 +20,13 @@ cell, split into --rounds rounds that visit the cells in turn so background load
 alike; ms/batch is the median call. onnxruntime runs with its intra-op threads pinned to --threads, like
 torch. On a shared machine keep --threads 1: oversubscribed threads slow small ops by up to ~10x (the
 load average is printed for that reason).
+
+The targets of the served-graph work are printed as named ratios: ``ort_faster_than_eager`` = KAEM eager
+ms / KAEM ORT ms; ``ort_vs_vae`` = KAEM ORT ms / VAE eager ms; ``prior_share_ort`` = onnxruntime
+profiler time of the nodes upstream of the decoder's first MatMul / all nodes, with the top ops of the
+profile at each batch; and a decoder roofline: FLOPs per image 2·Σ_layers (I·(G+1)·O + I·O), the peak
+= the best of 5 ``torch.matmul`` 2048×2048 fp32 at --threads in this run, achieved = FLOPs / the time of
+a decoder-only onnxruntime graph ("decoder ORT").
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import numpy as np
 import torch
 
 from export.contract import INPUT_U, OUTPUT_IMAGES
-from export.to_onnx import ExportError, check_parity, export_graph, ort_session
+from export.to_onnx import ExportError, check_parity, export_graph
 from training.baselines import MODEL_NAMES, build_model
 from training.config import KAEMConfig, get_preset
 from training.model import KAEM, LatentImageModel
@@ -48,7 +55,10 @@ from training.sample import seeds_to_u
 
 QUICK_PRESET, QUICK_BATCH, QUICK_SECONDS = "digits", 8, 0.2
 # Table rows, in order; the test parses these labels.
-CELLS = ("KAEM eager", "KAEM prior", "KAEM ORT", "latent EBM", "VAE")
+CELLS = ("KAEM eager", "KAEM prior", "KAEM ORT", "decoder ORT", "latent EBM", "VAE")
+MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm", "MatMulInteger"}
+TOP_OPS = 6  # op types printed per batch from the onnxruntime profile
+WARMUP_RUNS = 3
 MIN_CALLS = 3  # timed calls per cell at least, whatever --seconds says
 
 
@@ -106,6 +116,121 @@ def summarise(times: list[float], batch: int) -> dict:
             "images_per_s": batch / med, "seconds_timed": sum(times)}
 
 
+class _Decoder(torch.nn.Module):
+    """The KAEM decoder alone, h[B, Q] -> logits (the roofline's graph)."""
+
+    def __init__(self, model: KAEM):
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.decoder(h)
+
+
+def export_decoder(model: KAEM, path: Path) -> None:
+    import warnings
+
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(_Decoder(model).eval(), (torch.zeros(4, model.cfg.prior.Q),), dynamo=True,
+                                 opset_version=18, dynamic_shapes={"h": {0: batch}}, optimize=True, verbose=False)
+    prog.save(str(path))
+
+
+def decoder_flops_per_image(model: KAEM) -> int:
+    """2·Σ_layers (I·K·O + I·O) for KAN layers (K = G+1 RBF basis functions), the multiply-adds of the
+    spline and base matmuls; 0 for a conv decoder (no roofline then)."""
+    from training.kan import KANLayer
+
+    layers = [m for m in model.decoder.modules() if isinstance(m, KANLayer)]
+    return sum(2 * (c.shape[0] * c.shape[2] * c.shape[1] + c.shape[0] * c.shape[1])
+               for c in (layer.coef for layer in layers))
+
+
+def matmul_peak_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:
+    """The best of ``reps`` fp32 n×n matmuls at ``threads`` torch threads, GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def _upstream_of_first_matmul(graph) -> set[str]:
+    """Names of the nodes upstream of the first MatMul-like node (graph order is topological)."""
+    producer = {out: node for node in graph.node for out in node.output}
+    first = next((n for n in graph.node if n.op_type in MATMUL_OPS), None)
+    if first is None:
+        return set()
+    seen: set[str] = set()
+    stack = list(first.input)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and node.name not in seen:
+            seen.add(node.name)
+            stack.extend(node.input)
+    return seen
+
+
+def ort_session(path: Path, threads: int, flush_denormal: bool, provider: str = "cpu", profile_dir: Path | None = None):
+    """onnxruntime session with its intra-op pool pinned to ``threads`` (like torch), optionally flushing
+    denormals; ``profile_dir``: profile the runs and save the optimised graph there."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    if flush_denormal:
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if profile_dir is not None:
+        opts.optimized_model_filepath = str(profile_dir / "optimized.onnx")
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_dir / "profile")
+    want = "CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"
+    if want not in ort.get_available_providers():
+        raise SystemExit(f"--ort-provider {provider}: onnxruntime here has no {want}")
+    return ort.InferenceSession(str(path), opts, providers=[want])
+
+
+def ort_profile(onnx_path: Path, u: np.ndarray, threads: int, flush_denormal: bool, runs: int,
+                provider: str = "cpu") -> dict:
+    """Profile ``runs`` calls of the graph in onnxruntime (after WARMUP_RUNS left out): kernel time per
+    op type, and the share of nodes upstream of the decoder's first MatMul (names from the optimised graph
+    onnxruntime actually runs, saved next to the profile)."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = ort_session(onnx_path, threads, flush_denormal, provider, Path(tmp))
+        feed = {sess.get_inputs()[0].name: u}
+        for _ in range(WARMUP_RUNS + runs):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+        graph = onnx.load(str(Path(tmp) / "optimized.onnx"), load_external_data=False).graph
+    # node events inside the timed runs' "model_run" intervals (the warm-up runs allocate and plan)
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[WARMUP_RUNS:]
+    upstream = _upstream_of_first_matmul(graph)
+    by_op: dict[str, float] = {}
+    up_us = total_us = 0.0
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        if not any(lo <= e["ts"] <= hi for lo, hi in spans):
+            continue
+        node = e["name"][: -len("_kernel_time")]
+        op = e.get("args", {}).get("op_name", "?")
+        by_op[op] = by_op.get(op, 0.0) + e["dur"]
+        total_us += e["dur"]
+        if node in upstream:
+            up_us += e["dur"]
+    return {"runs": runs, "node_us_per_run": total_us / runs,
+            "op_share": {k: v / total_us for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])} if total_us else {},
+            "prior_share_ort": up_us / total_us if total_us else float("nan"), "upstream_nodes": len(upstream)}
+
+
 def load_models(args: argparse.Namespace) -> tuple[KAEMConfig, dict[str, LatentImageModel], dict[str, str]]:
     """KAEM, VAE and latent EBM: from their checkpoints where given, else fresh from one base config
     (the preset, or the first checkpoint's config when no --preset is given, so decoders match)."""
@@ -157,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flush-denormal", action="store_true",
                    help="torch.set_flush_denormal(True) and onnxruntime's set_denormal_as_zero (default: off, "
                    "as in kaem-sample and the served graph)")
+    p.add_argument("--ort-provider", choices=("cpu", "cuda"), default="cpu",
+                   help="onnxruntime execution provider of the ORT cells (cuda: onnxruntime-gpu on a CUDA machine; "
+                   "the eager cells stay on the CPU)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the numbers to this JSON file")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: {QUICK_PRESET} preset, batch {QUICK_BATCH}, {QUICK_SECONDS} s per cell")
@@ -205,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         export_graph(kaem, onnx_path)
         export_s = time.perf_counter() - t0
-        sess = ort_session(onnx_path, args.threads, args.flush_denormal)
+        sess = ort_session(onnx_path, args.threads, args.flush_denormal, args.ort_provider)
         try:
             mean_diff, px_diff = check_parity(kaem, sess, tuple(batches))
             parity = {"max_mean_diff": mean_diff, "max_pixel_diff": px_diff}
@@ -215,21 +343,32 @@ def main(argv: list[str] | None = None) -> int:
             parity_text = f"WARNING parity check failed: {err}"
         print(f"exported KAEM to ONNX in {export_s:.1f} s ({onnx_path.stat().st_size / 1e6:.2f} MB); {parity_text}",
               flush=True)
+        dec_path = Path(tmp) / "decoder.onnx"
+        export_decoder(kaem, dec_path)
+        dec_sess = ort_session(dec_path, args.threads, args.flush_denormal, args.ort_provider)
+        dec_input = dec_sess.get_inputs()[0].name
+        profiles: dict[str, dict] = {}
 
         for bs in batches:
             u = {k: torch.from_numpy(seeds_to_u(m, range(bs))) for k, m in models.items()}
             u_np = np.ascontiguousarray(u["kaem"].numpy(), dtype=np.float32)
+            with torch.no_grad():
+                h_np = np.ascontiguousarray(kaem.latent_of_u(u["kaem"], cdf).numpy(), dtype=np.float32)
 
             cells = {
                 "KAEM eager": no_grad_call(kaem.generate, u["kaem"], cdf),
                 "KAEM prior": no_grad_call(kaem.prior.sample, u["kaem"], cdf),
                 "KAEM ORT": lambda x=u_np: sess.run([OUTPUT_IMAGES], {INPUT_U: x}),
+                "decoder ORT": lambda x=h_np: dec_sess.run(None, {dec_input: x}),
                 "latent EBM": no_grad_call(lebm.generate, u["lebm"]),
                 "VAE": no_grad_call(vae.generate, u["vae"]),
             }
             print(f"timing batch {bs} ...", file=sys.stderr, flush=True)
             for name, ts in bench(cells, seconds, rounds).items():
                 results[str(bs)][name] = summarise(ts, bs)
+            runs = max(10, min(300, int(seconds * 1000 / max(results[str(bs)]["KAEM ORT"]["ms_per_batch"], 1e-3))))
+            profiles[str(bs)] = ort_profile(onnx_path, u_np, args.threads, args.flush_denormal, runs, args.ort_provider)
+    peak = matmul_peak_gflops(args.threads)
     load_after = os.getloadavg()[0]
 
     print(f"\n{'model':12s} {'batch':>6s} {'ms/batch':>11s} {'images/s':>11s} {'calls':>7s}")
@@ -242,17 +381,38 @@ def main(argv: list[str] | None = None) -> int:
 
     ratios: dict[str, dict[str, float]] = {}
     print("\nratios, same batch (time of one / time of the other):")
-    print(f"{'batch':>6s} {'LEBM/KAEM':>10s} {'VAE/KAEM':>9s} {'eager/ORT':>10s} {'prior share':>12s}")
+    print(f"{'batch':>6s} {'LEBM/KAEM':>10s} {'VAE/KAEM':>9s} {'eager/ORT':>10s} {'ORT/VAE':>8s} {'prior share':>12s} "
+          f"{'prior share ORT':>16s}")
+    flops = decoder_flops_per_image(kaem)
     for bs in batches:
         ms = {k: v["ms_per_batch"] for k, v in results[str(bs)].items()}
         ratios[str(bs)] = r = {
             "kaem_faster_than_lebm": ms["latent EBM"] / ms["KAEM eager"],
             "kaem_faster_than_vae": ms["VAE"] / ms["KAEM eager"],
             "ort_faster_than_eager": ms["KAEM eager"] / ms["KAEM ORT"],
+            "ort_vs_vae": ms["KAEM ORT"] / ms["VAE"],
             "prior_share": ms["KAEM prior"] / ms["KAEM eager"],
+            "prior_share_ort": profiles[str(bs)]["prior_share_ort"],
+            "decoder_gflops": flops * bs / (ms["decoder ORT"] / 1000) / 1e9,
         }
+        r["decoder_peak_fraction"] = r["decoder_gflops"] / peak
         print(f"{bs:6d} {r['kaem_faster_than_lebm']:9.1f}x {r['kaem_faster_than_vae']:8.2f}x "
-              f"{r['ort_faster_than_eager']:9.2f}x {100 * r['prior_share']:11.1f} %")
+              f"{r['ort_faster_than_eager']:9.2f}x {r['ort_vs_vae']:7.2f}x {100 * r['prior_share']:11.1f} % "
+              f"{100 * r['prior_share_ort']:15.1f} %")
+    print("(ORT/VAE = KAEM ORT ms / VAE eager ms; prior share ORT = onnxruntime profiler time of the nodes upstream "
+          "of the decoder's first MatMul / all nodes)")
+    for bs in batches:
+        prof = profiles[str(bs)]
+        top = ", ".join(f"{op} {100 * share:.1f} %" for op, share in list(prof["op_share"].items())[:TOP_OPS])
+        print(f"onnxruntime profile, batch {bs} ({prof['runs']} runs, {prof['node_us_per_run'] / 1000:.3f} ms of "
+              f"node time per run): {top}")
+    if flops:
+        for bs in batches:
+            r = ratios[str(bs)]
+            print(f"decoder roofline, batch {bs}: {flops / 1e6:.2f} MFLOP per image, decoder-only graph "
+                  f"{results[str(bs)]['decoder ORT']['ms_per_batch']:.3f} ms = {r['decoder_gflops']:.1f} GFLOP/s, "
+                  f"{r['decoder_peak_fraction']:.2f} of the measured peak {peak:.1f} GFLOP/s "
+                  f"(best of 5 torch.matmul 2048x2048, {args.threads} threads)")
     for bs in batches:
         r = ratios[str(bs)]
         print(f"batch {bs}: KAEM eager is {r['kaem_faster_than_lebm']:.1f}x faster than the latent EBM, "
@@ -273,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             "lebm_prior_steps": b.prior_steps, "lebm_prior_step_size": b.prior_step_size,
             "noise_dim": {k: m.noise_dim for k, m in models.items()},
             "onnx_export_s": export_s, "onnx_parity": parity, "results": results, "ratios": ratios,
+            "ort_profile": profiles, "matmul_peak_gflops": peak, "decoder_flops_per_image": flops,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.json}")

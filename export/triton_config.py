@@ -7,7 +7,7 @@ Python-based ``onnxruntime`` shim that ``serving/launcher.py`` installs (CPU).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from google.protobuf import text_encoding, text_format
@@ -37,6 +37,22 @@ from export.contract import (
 # loaded GPU from cutting batches short. Retune for the real model on its GPU with `kaem-loadtest`.
 DEFAULT_PREFERRED_BATCH_SIZES: tuple[int, ...] = (64, 128, 256)
 DEFAULT_MAX_QUEUE_DELAY_US = 100
+
+# onnxruntime session settings: one source for both backends. The NGC image's native onnxruntime backend
+# reads these `parameters` keys (its README, "Model Config Options"), and serving/ort_shim.py builds its
+# session from the same keys (session_options()). CPU-tuned on this 2-core machine: intra-op threads 0 =
+# onnxruntime's default, one per physical core; sequential execution (the graph is a chain, nothing runs
+# in parallel across nodes). ALLOW_SPINNING is read by the local shim only (the native backend keeps
+# onnxruntime's default): its idle threads must not busy-wait on cores shared with the clients.
+ALLOW_SPINNING = "session.intra_op.allow_spinning"
+DEFAULT_SESSION_PARAMETERS: dict[str, str] = {
+    "intra_op_thread_count": "0",
+    "inter_op_thread_count": "1",
+    "execution_mode": "0",
+    "enable_mem_arena": "1",
+    "enable_mem_pattern": "1",
+    ALLOW_SPINNING: "0",
+}
 
 BACKEND = "onnxruntime"
 DEFAULT_MODEL_FILENAME = "model.onnx"
@@ -73,12 +89,18 @@ def render_config(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     preferred_batch_sizes: Sequence[int] = DEFAULT_PREFERRED_BATCH_SIZES,
     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
+    session: Mapping[str, str] | None = None,
+    tensorrt: bool = False,
 ) -> str:
     """The production ``config.pbtxt`` text for ``model_name`` (deterministic, trailing newline).
 
     ``max_batch_size``: largest batch (rows of ``u``) one request or one merged batch may hold;
     ``preferred_batch_sizes``: batch sizes the dynamic batcher aims for (values above
-    ``max_batch_size`` are dropped); ``max_queue_delay_us``: longest a request waits (µs) for others.
+    ``max_batch_size`` are dropped); ``max_queue_delay_us``: longest a request waits (µs) for others;
+    ``session``: onnxruntime session settings overriding DEFAULT_SESSION_PARAMETERS' values;
+    ``tensorrt``: run the graph through onnxruntime's TensorRT execution provider on GPUs (FP32 engines, so
+    images stay within a grey level of eager; engines cached next to the model). Off by default: the native
+    backend then uses the CUDA provider on GPUs and the CPU one elsewhere.
     """
     contract.check_compatible()
     if max_batch_size < 1:
@@ -89,15 +111,27 @@ def render_config(
     blocks = {"input": [], "output": []}
     for section, name, dtype, dims in _IO:
         blocks[section].append(_tensor_block(name, dtype, dims(contract)))
+    unknown = sorted(set(session or {}) - set(DEFAULT_SESSION_PARAMETERS))
+    if unknown:
+        raise ConfigError(f"unknown onnxruntime session settings {unknown}; "
+                          f"known: {sorted(DEFAULT_SESSION_PARAMETERS)}")
+    settings = {**DEFAULT_SESSION_PARAMETERS, **(session or {})}
     params = ",\n".join(
         f'  {{\n    key: "{text_encoding.CEscape(k, as_utf8=True)}"\n'
         f'    value: {{ string_value: "{text_encoding.CEscape(v, as_utf8=True)}" }}\n  }}'
-        for k, v in sorted(contract.to_metadata().items())
+        for k, v in sorted({**settings, **contract.to_metadata()}.items())
     )
     inputs, outputs = ",\n".join(blocks["input"]), ",\n".join(blocks["output"])
     batching = f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
     if preferred:
         batching = f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" + batching
+    optimization = ""
+    if tensorrt:
+        optimization = (
+            "optimization { execution_accelerators {\n  gpu_execution_accelerator : [ {\n"
+            '    name : "tensorrt"\n    parameters { key: "precision_mode" value: "FP32" }\n'
+            '    parameters { key: "trt_engine_cache_enable" value: "1" }\n  } ]\n}}\n'
+        )
     return (
         "# Rendered by export/triton_config.py from the model contract: re-render, never edit by hand.\n"
         f'name: "{model_name}"\n'
@@ -109,6 +143,7 @@ def render_config(
         # KIND_AUTO: one instance per GPU where there are GPUs, a CPU instance otherwise.
         "instance_group [\n  {\n    kind: KIND_AUTO\n    count: 1\n  }\n]\n"
         f"dynamic_batching {{\n{batching}}}\n"
+        f"{optimization}"
         f"parameters [\n{params}\n]\n"
     )
 

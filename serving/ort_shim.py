@@ -51,6 +51,45 @@ def run_merged(
             for i in range(len(sizes))]
 
 
+def _flag(key: str, value: str) -> bool:
+    if value.lower() in ("1", "true"):
+        return True
+    if value.lower() in ("0", "false"):
+        return False
+    raise ValueError(f"parameter {key!r} must be 0/1 or true/false, got {value!r}")
+
+
+def session_options(model_config: dict):  # -> onnxruntime.SessionOptions
+    """onnxruntime session options from a model config (Triton's JSON form), read from the same
+    ``parameters`` keys and ``optimization.graph.level`` as the native onnxruntime backend, so that one
+    ``config.pbtxt`` tunes both (export/triton_config.py: DEFAULT_SESSION_PARAMETERS)."""
+    import onnxruntime as ort
+
+    params = {k: str(v.get("string_value", "")) for k, v in (model_config.get("parameters") or {}).items()}
+    opts = ort.SessionOptions()
+    try:
+        opts.intra_op_num_threads = int(params.get("intra_op_thread_count", "0"))
+        opts.inter_op_num_threads = int(params.get("inter_op_thread_count", "0"))
+        mode = int(params.get("execution_mode", "0"))
+    except ValueError as err:
+        raise ValueError(f"thread counts and execution_mode must be integers: {err}") from err
+    if mode not in (0, 1):
+        raise ValueError(f"execution_mode must be 0 (sequential) or 1 (parallel), got {mode}")
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if mode == 0 else ort.ExecutionMode.ORT_PARALLEL
+    if "enable_mem_arena" in params:
+        opts.enable_cpu_mem_arena = _flag("enable_mem_arena", params["enable_mem_arena"])
+    if "enable_mem_pattern" in params:
+        opts.enable_mem_pattern = _flag("enable_mem_pattern", params["enable_mem_pattern"])
+    spin = params.get("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if _flag("allow_spinning", spin) else "0")
+    level = int(((model_config.get("optimization") or {}).get("graph") or {}).get("level", 0))
+    opts.graph_optimization_level = {-1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                     1: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                     2: ort.GraphOptimizationLevel.ORT_DISABLE_ALL}.get(
+                                         level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    return opts
+
+
 class TritonPythonModel:
     """onnxruntime (CPU) behind Triton's Python backend; one session per model instance."""
 
@@ -62,12 +101,10 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], filename)
         if not os.path.isfile(path):
             raise pb_utils.TritonModelException(f"no ONNX file at {path}: export the model first")
-        opts = ort.SessionOptions()
-        # Tuning knobs (server environment): intra-op threads (0: onnxruntime decides) and whether
-        # idle worker threads spin; they must not spin by default, since locally the server shares
-        # a few cores with its clients and busy-waiting threads starve them.
-        opts.intra_op_num_threads = int(os.environ.get("KAEM_ORT_THREADS", "0"))
-        opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("KAEM_ORT_SPIN", "0"))
+        try:
+            opts = session_options(cfg)
+        except ValueError as err:
+            raise pb_utils.TritonModelException(f"{cfg.get('name')}: {err}") from err
         self.session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
         self.inputs = {t["name"]: (_NP_DTYPES[t["data_type"]], [int(d) for d in t["dims"]]) for t in cfg["input"]}
         self.outputs = [t["name"] for t in cfg["output"]]

@@ -13,6 +13,7 @@ from tritonclient.grpc import model_config_pb2
 from export import contract as C
 from export.triton_config import (
     DEFAULT_MAX_QUEUE_DELAY_US,
+    DEFAULT_SESSION_PARAMETERS,
     ConfigError,
     check_config_against_contract,
     check_config_against_onnx,
@@ -45,7 +46,8 @@ def test_config_parses_with_triton_schema_and_follows_the_contract(contract):
     assert list(cfg.dynamic_batching.preferred_batch_size) == [64, 128]  # 256 > max_batch_size is dropped
     assert cfg.dynamic_batching.max_queue_delay_microseconds == DEFAULT_MAX_QUEUE_DELAY_US
     assert cfg.version_policy.latest.num_versions == 1
-    assert {k: p.string_value for k, p in cfg.parameters.items()} == contract.to_metadata()
+    assert {k: p.string_value for k, p in cfg.parameters.items()} == {**DEFAULT_SESSION_PARAMETERS,
+                                                                      **contract.to_metadata()}
     assert not cfg.HasField("optimization")  # no TensorRT accelerator by default: loads on CPU too
     assert contract_from_config(cfg) == contract
 
@@ -54,7 +56,7 @@ def test_rendering_is_deterministic():
     a = render_config("kaem_x", UNIVARIATE)
     assert a == render_config("kaem_x", UNIVARIATE) and a.endswith("\n") and not a.endswith("\n\n")
     keys = [ln.split('"')[1] for ln in a.splitlines() if ln.strip().startswith("key:")]
-    assert keys == sorted(keys) and len(keys) == len(UNIVARIATE.to_metadata())
+    assert keys == sorted(keys) and len(keys) == len(UNIVARIATE.to_metadata()) + len(DEFAULT_SESSION_PARAMETERS)
     assert render_config("kaem_x", dataclasses.replace(UNIVARIATE, config_id="other")) != a
     custom = parse_config(render_config("kaem_x", UNIVARIATE, 8, preferred_batch_sizes=(8, 2, 4, 2),
                                         max_queue_delay_us=0))
@@ -106,3 +108,46 @@ def test_mismatching_onnx_is_rejected_with_a_clear_error(toy_model):
     other_id = render_config(TOY_MODEL, dataclasses.replace(TOY_CONTRACT, config_id="retrained"))
     with pytest.raises(ConfigError, match="metadata kaem.config_id: ONNX has 'toy00000', config has 'retrained'"):
         check_config_against_onnx(other_id, onnx_path)
+
+
+def test_shim_session_options_equal_the_config_parameters() -> None:
+    # One source of serving settings: the local shim builds its onnxruntime session from the config's
+    # parameters, the same keys the NGC image's native onnxruntime backend reads.
+    import onnxruntime as ort
+    from google.protobuf import json_format
+
+    from serving.ort_shim import session_options
+
+    def as_triton_json(text: str) -> dict:
+        return json_format.MessageToDict(parse_config(text), preserving_proto_field_name=True)
+
+    default = as_triton_json(render_config("kaem_x", UNIVARIATE))
+    assert {k: v["string_value"] for k, v in default["parameters"].items() if not k.startswith("kaem.")} == \
+        DEFAULT_SESSION_PARAMETERS
+    for settings in ({}, {"intra_op_thread_count": "3", "inter_op_thread_count": "2", "execution_mode": "1",
+                          "enable_mem_arena": "0", "enable_mem_pattern": "false",
+                          "session.intra_op.allow_spinning": "1"}):
+        cfg = as_triton_json(render_config("kaem_x", UNIVARIATE, session=settings))
+        want = {**DEFAULT_SESSION_PARAMETERS, **settings}
+        opts = session_options(cfg)
+        assert opts.intra_op_num_threads == int(want["intra_op_thread_count"])
+        assert opts.inter_op_num_threads == int(want["inter_op_thread_count"])
+        assert opts.execution_mode == (ort.ExecutionMode.ORT_PARALLEL if want["execution_mode"] == "1"
+                                       else ort.ExecutionMode.ORT_SEQUENTIAL)
+        assert opts.enable_cpu_mem_arena == (want["enable_mem_arena"] == "1")
+        assert opts.enable_mem_pattern == (want["enable_mem_pattern"] == "1")
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == \
+            ("1" if want["session.intra_op.allow_spinning"] == "1" else "0")
+        assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with pytest.raises(ConfigError, match="unknown onnxruntime session settings"):
+        render_config("kaem_x", UNIVARIATE, session={"intra_op_threads": "2"})
+    with pytest.raises(ValueError, match="execution_mode"):
+        session_options(as_triton_json(render_config("kaem_x", UNIVARIATE, session={"execution_mode": "2"})))
+
+
+def test_tensorrt_accelerator_config_parses() -> None:
+    # gpu-marked tests serve this config on a GPU (tests/test_gpu.py); here: it is valid Triton config
+    cfg = parse_config(render_config("kaem_x", UNIVARIATE, tensorrt=True))
+    (acc,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+    assert acc.name == "tensorrt" and dict(acc.parameters) == {"precision_mode": "FP32", "trt_engine_cache_enable": "1"}
+    assert contract_from_config(cfg) == UNIVARIATE

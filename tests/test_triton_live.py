@@ -241,5 +241,29 @@ def test_benchmark_quick_mode(server, repo):
     r = bench.run_benchmark(server.grpc_url, server.metrics_url, TOY_MODEL, onnx_path, quick=True)
     assert all(r[k] > 0 for k in ("ort_b64", "triton_b64", "triton_b1_c1", "triton_b1_c16"))
     assert r["server_batch_c1"] == pytest.approx(1.0) and r["server_batch_c16"] >= 1.0
-    assert "x" in bench.format_results(r, TOY_MODEL)
+    # the batch-64 overhead: Triton vs an in-process session with the config's options, 5 interleaved reps
+    assert r["b64_reps"] == 5 and r["b64_ort_ms"] > 0 and r["b64_triton_ms"] > 0
+    assert r["b64_overhead_min_ms"] <= r["b64_overhead_ms"] <= r["b64_overhead_max_ms"]
+    text = bench.format_results(r, TOY_MODEL)
+    assert "x" in text and "Triton overhead per batch-64 request" in text
 
+
+
+def test_batching_sweep_quick(repo, tmp_path, capsys):
+    # benchmarks/batching_sweep.py serves every dynamic-batching candidate with a real server and measures it
+    # with perf_analyzer; the quick mode: delays 0 and the shipped default, concurrency 1 and 4.
+    import csv
+
+    from export.triton_config import DEFAULT_MAX_QUEUE_DELAY_US
+
+    spec = importlib.util.spec_from_file_location("batching_sweep", ROOT / "benchmarks" / "batching_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep.csv"
+    assert sweep.main(["--model-repository", str(repo), "--model", TOY_MODEL, "--quick", "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert sorted((int(r["delay_us"]), int(r["concurrency"])) for r in rows) == \
+        sorted((d, c) for d in (0, DEFAULT_MAX_QUEUE_DELAY_US) for c in (1, 4))
+    assert all(float(r["infer_per_s"]) > 0 and float(r["p50_ms"]) > 0 and float(r["server_failed"]) == 0 for r in rows)
+    text = capsys.readouterr().out
+    assert "chosen: max_queue_delay_microseconds" in text and f"wrote {out}" in text

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-repository", default="model_repository", help="repository holding the exported model")
     p.add_argument("--model", default="kaem_fmnist", help="model name")
     p.add_argument("--delays", default="0,100,500,2000", help="max_queue_delay_microseconds candidates")
-    p.add_argument("--preferred", nargs="+", default=[_label(DEFAULT_PREFERRED_BATCH_SIZES), "none"],
+    p.add_argument("--preferred", nargs="+", default=["64,128,256", "none"],
                    help="preferred_batch_size candidates: comma lists, or 'none'")
     p.add_argument("--concurrency", default="1,16,64", help="batch-1 concurrency levels (first and last decide)")
     p.add_argument("--window-ms", type=int, default=2000, help="perf_analyzer measurement window")
@@ -96,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--p50-tolerance", type=float, default=0.05,
                    help="allowed concurrency-1 p50 increase over the shipped defaults (fraction)")
     p.add_argument("--csv", default="benchmarks/results/batching_sweep.csv", help="where to write every row")
-    p.add_argument("--quick", action="store_true", help="two delays, one preferred setting, levels 1,4, short windows")
+    p.add_argument("--quick", action="store_true",
+                   help="delays 0 and 100 µs, the default preferred setting, levels 1,4, short windows")
     args = p.parse_args(argv)
-    delays = [0, DEFAULT_MAX_QUEUE_DELAY_US] if args.quick else [int(d) for d in args.delays.split(",")]
-    preferred = [DEFAULT_PREFERRED_BATCH_SIZES] if args.quick else [_preferred(t) for t in args.preferred]
+    delays = sorted({0, 100, DEFAULT_MAX_QUEUE_DELAY_US} if args.quick else {int(d) for d in args.delays.split(",")})
+    preferred = ([DEFAULT_PREFERRED_BATCH_SIZES] if args.quick
+                 else list(dict.fromkeys(_preferred(t) for t in args.preferred)))
     levels = [1, 4] if args.quick else [int(c) for c in args.concurrency.split(",")]
     window, trials = (300, 3) if args.quick else (args.window_ms, args.max_trials)
     baseline = (DEFAULT_MAX_QUEUE_DELAY_US, _label(DEFAULT_PREFERRED_BATCH_SIZES))

@@ -13,8 +13,9 @@ training except through subnormal floats. KAN decoders evaluate Gaussian RBFs ex
 outside the RBF grid (a fresh KAEM's latent sums span ~±7 against the decoder's [-1.2, 1.2]) give
 subnormal values that x86 float arithmetic handles many times slower; --flush-denormal flushes them
 (torch and onnxruntime) to show how much of a gap that is. Uniforms are the serving ones:
-``training.sample.seeds_to_u(model, range(batch))``. KAEM eager runs ``model.generate(u, cdf)`` with
-the CDF table computed once, as serving does; "KAEM prior" times ``model.prior.sample(u, cdf)`` alone.
+``training.sample.seeds_to_u(model, range(batch))``. KAEM eager runs ``model.generate(u, lookup=...)``
+with the CDF table's bucket lookup built once, as ``kaem-sample`` and the served graph do; "KAEM prior"
+times ``model.prior.sample(u, lookup=...)`` alone.
 Every cell is timed at batch 1 (latency) and at --batch: warm-up calls, then calls until --seconds per
 cell, split into --rounds rounds that visit the cells in turn so background load drifts hit every cell
 alike; ms/batch is the median call. onnxruntime runs with its intra-op threads pinned to --threads, like
@@ -51,6 +52,7 @@ from export.to_onnx import ExportError, check_parity, export_graph
 from training.baselines import MODEL_NAMES, build_model
 from training.config import KAEMConfig, get_preset
 from training.model import KAEM, LatentImageModel
+from training.prior import BucketLookup
 from training.sample import seeds_to_u
 
 QUICK_PRESET, QUICK_BATCH, QUICK_SECONDS = "digits", 8, 0.2
@@ -326,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.no_grad():
         cdf = kaem.prior.cdf_table()
+        lookup = BucketLookup(cdf)
     results: dict[str, dict[str, dict]] = {str(bs): {} for bs in batches}
     parity: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -356,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                 h_np = np.ascontiguousarray(kaem.latent_of_u(u["kaem"], cdf).numpy(), dtype=np.float32)
 
             cells = {
-                "KAEM eager": no_grad_call(kaem.generate, u["kaem"], cdf),
-                "KAEM prior": no_grad_call(kaem.prior.sample, u["kaem"], cdf),
+                "KAEM eager": no_grad_call(lambda v: kaem.generate(v, lookup=lookup), u["kaem"]),
+                "KAEM prior": no_grad_call(lambda v: kaem.prior.sample(v, lookup=lookup), u["kaem"]),
                 "KAEM ORT": lambda x=u_np: sess.run([OUTPUT_IMAGES], {INPUT_U: x}),
                 "decoder ORT": lambda x=h_np: dec_sess.run(None, {dec_input: x}),
                 "latent EBM": no_grad_call(lebm.generate, u["lebm"]),
@@ -376,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in CELLS:
             r = results[str(bs)][name]
             print(f"{name:12s} {bs:6d} {r['ms_per_batch']:11.3f} {r['images_per_s']:11.1f} {r['calls']:7d}")
-    print("(KAEM prior = prior.sample(u, cdf) alone, part of KAEM eager; KAEM ORT = the exported graph, "
+    print("(KAEM prior = prior.sample(u, lookup) alone, part of KAEM eager; KAEM ORT = the exported graph, "
           "uint8 images output)")
 
     ratios: dict[str, dict[str, float]] = {}

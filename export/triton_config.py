@@ -26,17 +26,17 @@ from export.contract import (
     ModelContract,
 )
 
-# Dynamic-batching defaults, from a perf_analyzer sweep (batch-1 requests, concurrency 1/4/16/32) on
-# the toy model, local CPU server, 2 cores shared with perf_analyzer. The queue delay is the knob
-# that matters: the batcher already merges whatever queued during the previous execution (0 µs:
-# 1,452 -> 6,667 inferences/s from concurrency 1 to 32, average batch 17.5), while every µs of delay
-# is paid in full at low load (concurrency 1: 1,452/s at 0 µs, 1,174/s at 100, 764/s at 500, 345/s at
-# 2,000) and bought little at 16-32 in flight (best case 2,000 µs at 32: +13%, within this shared
-# machine's noise). 100 µs lets requests of one burst merge at a ~0.2 ms cost. Preferred sizes never
-# bound at these loads (500 µs with and without them: same numbers); large powers of two keep a
-# loaded GPU from cutting batches short. Retune for the real model on its GPU with `kaem-loadtest`.
-DEFAULT_PREFERRED_BATCH_SIZES: tuple[int, ...] = (64, 128, 256)
-DEFAULT_MAX_QUEUE_DELAY_US = 100
+# Dynamic-batching defaults, CPU-tuned: chosen by `python benchmarks/batching_sweep.py` on the default
+# model with the local server and perf_analyzer sharing this 2-core machine (benchmarks/results/
+# batching_sweep.csv): batch-1 requests at concurrency 1/16/64 for queue delays 0/100/500/2000 µs, with
+# and without preferred sizes 64/128/256. A delay is paid in full at low load (concurrency-1 p50 0.72-0.80
+# ms at 0 µs, 0.91-0.98 at 100, 1.45-1.77 at 500, 3.5-3.8 at 2,000) and bought nothing at 64 in flight
+# (4,045-4,689 inferences/s, every setting within the noise), since the batcher already merges what
+# queued during the previous execution (average batch 22-31 at 64 in flight). Preferred sizes made no
+# measurable difference here; the sweep's rule (best concurrency-64 throughput within 5 % of the old
+# defaults' concurrency-1 p50) picked none. Re-run the sweep for a GPU deployment.
+DEFAULT_PREFERRED_BATCH_SIZES: tuple[int, ...] = ()
+DEFAULT_MAX_QUEUE_DELAY_US = 0
 
 # onnxruntime session settings: one source for both backends. The NGC image's native onnxruntime backend
 # reads these `parameters` keys (its README, "Model Config Options"), and serving/ort_shim.py builds its

@@ -43,7 +43,9 @@ def test_config_parses_with_triton_schema_and_follows_the_contract(contract):
     assert [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in cfg.output] == [
         (C.OUTPUT_IMAGES, C.OUTPUT_IMAGES_DTYPE, hwc), (C.OUTPUT_MEAN, C.OUTPUT_MEAN_DTYPE, hwc)]
     assert [(g.kind, g.count) for g in cfg.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_AUTO, 1)]
-    assert list(cfg.dynamic_batching.preferred_batch_size) == [64, 128]  # 256 > max_batch_size is dropped
+    assert list(cfg.dynamic_batching.preferred_batch_size) == []  # the sweep's choice (batching_sweep.csv)
+    sized = parse_config(render_config("kaem_x", contract, max_batch_size=128, preferred_batch_sizes=(64, 128, 256)))
+    assert list(sized.dynamic_batching.preferred_batch_size) == [64, 128]  # 256 > max_batch_size is dropped
     assert cfg.dynamic_batching.max_queue_delay_microseconds == DEFAULT_MAX_QUEUE_DELAY_US
     assert cfg.version_policy.latest.num_versions == 1
     assert {k: p.string_value for k, p in cfg.parameters.items()} == {**DEFAULT_SESSION_PARAMETERS,

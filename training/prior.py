@@ -173,7 +173,7 @@ class BucketLookup(nn.Module):
         self.n_buckets = m
         start = start[:, :-1]  # [R, M]
         # C at start-1 .. start+W, clamped into the row: C_{-1} is never read (k >= 1), past the end C_N = 1 > u
-        cols = torch.clamp(start.unsqueeze(-1) + torch.arange(-1, window + 1), 0, self.n_cols - 1)
+        cols = torch.clamp(start.unsqueeze(-1) + torch.arange(-1, window + 1, device=rows.device), 0, self.n_cols - 1)
         values = torch.gather(rows.unsqueeze(1).expand(-1, m, -1), -1, cols)
         self.register_buffer("records", torch.cat([-(start.unsqueeze(-1).float() + 1), values], -1).flatten(0, 1))
 

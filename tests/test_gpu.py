@@ -26,7 +26,8 @@ def _cuda_onnxruntime():
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime has no CUDA provider here (onnxruntime-gpu on a CUDA machine)")
+        pytest.skip("needs a CUDA GPU: this onnxruntime has no CUDAExecutionProvider "
+                    "(run bash benchmarks/gpu_check.sh on a CUDA machine)")
     return ort
 
 
@@ -54,7 +55,8 @@ def test_tensorrt_config_loads_and_serves(exported, tmp_path: Path) -> None:
     _cuda_onnxruntime()
     binary = shutil.which("tritonserver")
     if binary is None or not (NATIVE_BACKENDS / "onnxruntime").is_dir():
-        pytest.skip("needs the production image's tritonserver with its native onnxruntime backend")
+        pytest.skip("needs the production image's tritonserver (on PATH) with its native onnxruntime backend in "
+                    f"{NATIVE_BACKENDS}: run inside the NGC-based image built from the Dockerfile")
     from serving.client import generate_images
     from serving.launcher import LocalTriton, free_ports
 

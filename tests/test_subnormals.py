@@ -114,8 +114,7 @@ def _export(module: nn.Module, example: Tensor, path: Path) -> onnx.ModelProto:
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(module, (example,), dynamo=True, opset_version=18,
-                                 dynamic_shapes={next(iter(module.forward.__code__.co_varnames[1:2])): {0: batch}},
+        prog = torch.onnx.export(module, (example,), dynamo=True, opset_version=18, dynamic_shapes=({0: batch},),
                                  optimize=True, verbose=False)
     proto = _with_every_output(prog.model_proto)
     onnx.save(proto, str(path))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.kan import Basis, EnergyBank, KANLayer
+from training.kan import _RBF, EXP_FLOOR, Basis, EnergyBank, KANLayer
 
 BASES = ("rbf", "fft", "cheby")
 
@@ -35,6 +35,38 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (0.2 if p.ndim == 0 else 1.0) + (1.0 if p.ndim == 0 else 0.0))
+
+
+def _rbf_by_autograd(x: torch.Tensor, grid: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    d = x - grid
+    return torch.exp(torch.clamp(d * d * scale, min=EXP_FLOOR))
+
+
+def test_rbf_training_path_has_the_derivatives_of_the_plain_expression() -> None:
+    """The RBF basis's hand-written backward and forward-mode rule equal autograd's on the same expression,
+    near the centres (gradcheck in float64) and far outside the grid, where the floored exponent has zero
+    derivative; the module takes that path exactly when gradients are being recorded."""
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.linspace(-2, 2, 6, dtype=torch.float64).expand(5, 6).clone()
+    x = (3 * torch.randn(7, 5, 1, generator=gen, dtype=torch.float64)).requires_grad_()
+    scale = (-0.5 - 3 * torch.rand(5, 1, generator=gen, dtype=torch.float64)).requires_grad_()
+    f = lambda a, b: _RBF.apply(a, grid, b)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, scale))
+    assert torch.autograd.gradcheck(f, (x, scale), check_forward_ad=True, check_backward_ad=False,
+                                    check_undefined_grad=False, check_batched_grad=False)
+    far = torch.tensor([[[50.0], [0.1], [-1e3], [0.0], [2.0]]], dtype=torch.float64, requires_grad=True)
+    ours = torch.autograd.grad(_RBF.apply(far, grid, scale).sum(), (far, scale))
+    plain = torch.autograd.grad(_rbf_by_autograd(far, grid, scale).sum(), (far, scale))
+    assert ours[0][0, 0, 0] == 0 and ours[0][0, 2, 0] == 0  # every centre floored: no gradient at all
+    for a, b in zip(ours, plain, strict=True):
+        torch.testing.assert_close(a, b)
+    basis = Basis("rbf", 5, (5,), (-2.0, 2.0))
+    xs = torch.randn(4, 5, generator=gen)
+    assert basis(xs.requires_grad_()).grad_fn.name() == "_RBFBackward"
+    with torch.no_grad():
+        assert basis(xs).grad_fn is None
+    h = (basis.grid[:, -1:] - basis.grid[:, :1]) / 5
+    torch.testing.assert_close(basis(xs), _rbf_by_autograd(xs.unsqueeze(-1), basis.grid, -0.5 / h.square()))
 
 
 @pytest.mark.parametrize("kind", BASES)

@@ -32,6 +32,7 @@ from training.baselines import MODEL_NAMES
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model
 from training.cli import HelpFormatter, UserError, resolve_device, user_errors
 from training.config import MODELS, POSTERIOR_KINDS, PRESETS, KAEMConfig, get_preset, with_model, with_overrides
+from training.runtime import keep_freed_memory
 
 METRICS = (("fd_clf", "FD-clf", min), ("kid_clf", "KID-clf", min), ("precision_clf", "precision-clf", max),
            ("recall_clf", "recall-clf", max), ("gen_dim", "gen. dim", max), ("latent_pr", "h ratio", max),
@@ -62,12 +63,13 @@ def seconds_per_step(cfg: KAEMConfig, device: torch.device, data_root: str | Non
     from training.losses import StepContext
     from training.uniforms import step_generator
 
+    keep_freed_memory()  # as train() does: the rate planned with is the loop's
     data = load_dataset(cfg.train.dataset, data_root, "train")
     b = cfg.train.batch_size
     x = torch.stack([data[i % len(data)] for i in range(b)]).to(device)
     model = build_model(cfg).to(device)
     loss_fn = loss_fn_for(cfg)
-    opt = torch.optim.Adam(model.param_groups(cfg.train.lr))
+    opt = model.optimizer(cfg.train.lr)
     times = []
     for i in range(n + 2):
         t0 = time.perf_counter()

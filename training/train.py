@@ -50,6 +50,7 @@ from training.config import (
 from training.health import LatentHealth, latent_health
 from training.losses import CHAINS_IN_Z, StepContext
 from training.model import KAEM, LatentImageModel
+from training.runtime import keep_freed_memory
 from training.uniforms import step_generator
 
 GRID_STREAM = 0x6772_6964  # rank slot for grid-refit noise: identical on every rank keeps DDP in sync
@@ -204,6 +205,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
     # ---- Distributed setup and run directory --------------------------------------------------
     rank, world, device = init_distributed(device)
     is_main = rank == 0
+    keep_freed_memory()  # the step's large tensors reuse the process's memory instead of faulting it in again
     run_dir.mkdir(parents=True, exist_ok=True)
     latest = latest_checkpoint(run_dir)
     if latest is not None and not resume:
@@ -232,7 +234,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
         print("resume: sampler state was saved with another number of ranks; it starts afresh", file=sys.stderr)
     if tc.optimizer != "adam":
         raise UserError(f"optimizer {tc.optimizer!r} is not available; use adam")
-    opt = torch.optim.Adam(model.param_groups(tc.lr))
+    opt = model.optimizer(tc.lr)
     base_lrs = [g["lr"] for g in opt.param_groups]
     start = 0
     if ckpt is not None:

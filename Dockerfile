@@ -1,6 +1,6 @@
 # Production GPU image of kaem-serve: NVIDIA Triton Inference Server 2.51 (NGC 24.10, the same
 # release as the local binary that nvidia-pytriton ships) serving model_repository/ with the NATIVE
-# onnxruntime backend (the local CPU shim from serving/launcher.py is not used here).
+# onnxruntime backend (the local CPU shim from serving/local/launcher.py is not used here).
 #
 # Export BEFORE building: the model.onnx files under model_repository/<model>/<version>/ are written
 # by `python export/to_onnx.py ...` and are not committed; the image bakes in whatever is there.

@@ -59,8 +59,8 @@ def candidate_repository(src_repo: Path, model: str, dst: Path, delay_us: int, p
 
 def measure(repo: Path, model: str, levels: list[int], out_dir: Path, window_ms: int, max_trials: int,
             stability_pct: float) -> list[dict]:
-    from serving.launcher import LocalTriton, free_ports
     from serving.loadtest import sweep
+    from serving.local.launcher import LocalTriton, free_ports
 
     grpc_port, http_port, metrics_port = free_ports(3)
     with LocalTriton(repo, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port) as server:

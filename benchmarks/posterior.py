@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from training import samplers
 from training.config import PosteriorConfig, get_preset
 from training.losses import POSTERIORS, StepContext
-from training.model import KAEM
+from training.mcmc import samplers
+from training.model.kaem import KAEM
 from training.uniforms import step_generator
 
 THERMO_TEMPS = (2, 5, 10)
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="fmnist")
     p.add_argument("--checkpoint", default=None, help="load the model (and its config) from this checkpoint")
-    p.add_argument("--data-root", default=None, help="dataset folder (default: training.data.default_data_root())")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: $KAEM_DATA_ROOT or data/)")
     p.add_argument("--batch-size", type=int, default=None, help="first B training images (default: the preset's)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up step)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     _count_grads()
     load_before = os.getloadavg()[0]
 
-    from training.data import default_data_root, load_dataset
+    from training.data.datasets import default_data_root, load_dataset
 
     torch.manual_seed(0)
     if args.checkpoint:

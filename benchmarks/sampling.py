@@ -49,10 +49,10 @@ import torch
 
 from export.contract import INPUT_U, OUTPUT_IMAGES
 from export.to_onnx import ExportError, check_parity, export_graph, ort_session
-from training.baselines import MODEL_NAMES, build_model
 from training.config import KAEMConfig, get_preset
-from training.model import KAEM, LatentImageModel
-from training.prior import BucketLookup
+from training.model.baselines import MODEL_NAMES, build_model
+from training.model.kaem import KAEM, LatentImageModel
+from training.model.prior import BucketLookup
 from training.sample import seeds_to_u
 
 QUICK_PRESET, QUICK_BATCH, QUICK_SECONDS = "digits", 8, 0.2
@@ -143,7 +143,7 @@ def export_decoder(model: KAEM, path: Path) -> None:
 def decoder_flops_per_image(model: KAEM) -> int:
     """2·Σ_layers (I·K·O + I·O) for KAN layers (K = G+1 RBF basis functions), the multiply-adds of the
     spline and base matmuls; 0 for a conv decoder (no roofline then)."""
-    from training.kan import KANLayer
+    from training.model.kan import KANLayer
 
     layers = [m for m in model.decoder.modules() if isinstance(m, KANLayer)]
     return sum(2 * (c.shape[0] * c.shape[2] * c.shape[1] + c.shape[0] * c.shape[1])

@@ -4,7 +4,7 @@ dynamic batching). Ratios are the result; absolute numbers are machine-specific.
 
 Triton overhead per batch-64 request = Triton ms − in-process onnxruntime ms per call, the in-process
 session built from the model's own ``config.pbtxt`` exactly as the server's backend builds it
-(serving.ort_shim.session_options), in --reps interleaved repetitions (median per call in each; the
+(serving.local.ort_shim.session_options), in --reps interleaved repetitions (median per call in each; the
 median of the repetitions and their min-max are printed).
 
     python benchmarks/serving.py [--model-repository model_repository --model kaem_fmnist] [--quick]
@@ -54,7 +54,7 @@ def config_session(onnx_path: Path, config_path: Path):  # -> onnxruntime.Infere
     from google.protobuf import json_format
 
     from export.triton_config import parse_config
-    from serving.ort_shim import session_options
+    from serving.local.ort_shim import session_options
 
     cfg = json_format.MessageToDict(parse_config(config_path.read_text()), preserving_proto_field_name=True)
     return ort.InferenceSession(str(onnx_path), session_options(cfg), providers=["CPUExecutionProvider"])
@@ -140,7 +140,7 @@ def format_results(r: dict, model: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    from serving.launcher import LocalTriton, free_ports
+    from serving.local.launcher import LocalTriton, free_ports
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -7,10 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from export.contract import PRECISIONS
-from training.decoder import KANDecoder
 from training.images import to_uint8_nhwc
-from training.model import KAEM
-from training.prior import BucketLookup
+from training.model.decoder import KANDecoder
+from training.model.kaem import KAEM
+from training.model.prior import BucketLookup
 
 
 class ServedGenerator(nn.Module):

@@ -31,8 +31,8 @@ from export.contract import (
 from export.module import ServedGenerator
 from training.checkpoint import CheckpointError, load_model
 from training.cli import HelpFormatter, UserError, user_errors
-from training.health import LatentHealth, latent_health
-from training.model import KAEM
+from training.eval.health import LatentHealth, latent_health
+from training.model.kaem import KAEM
 
 DEFAULT_OPSET = 18
 MAX_IR_VERSION = 10  # onnxruntime in tritonserver 24.10 loads IR <= 10

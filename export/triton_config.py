@@ -2,7 +2,7 @@
 Triton's own protobuf schema, read the contract back, and check it against an ONNX file.
 
 One config serves both places: the NGC image's native onnxruntime backend (GPU) and the local
-Python-based ``onnxruntime`` shim that ``serving/launcher.py`` installs (CPU).
+Python-based ``onnxruntime`` shim that ``serving/local/launcher.py`` installs (CPU).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ DEFAULT_PREFERRED_BATCH_SIZES: tuple[int, ...] = ()
 DEFAULT_MAX_QUEUE_DELAY_US = 0
 
 # onnxruntime session settings: one source for both backends. The NGC image's native onnxruntime backend
-# reads these `parameters` keys (its README, "Model Config Options"), and serving/ort_shim.py builds its
+# reads these `parameters` keys (its README, "Model Config Options"), and serving/local/ort_shim.py builds its
 # session from the same keys (session_options()). CPU-tuned on this 2-core machine: intra-op threads 0 =
 # onnxruntime's default, one per physical core; sequential execution (the graph is a chain, nothing runs
 # in parallel across nodes). ALLOW_SPINNING is read by the local shim only (the native backend keeps

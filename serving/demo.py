@@ -14,7 +14,7 @@ import numpy as np
 from export.contract import DEFAULT_MODEL_NAME
 from export.to_onnx import export_checkpoint
 from serving.client import generate_images
-from serving.launcher import LaunchError, LocalTriton, check_ports, free_ports
+from serving.local.launcher import LaunchError, LocalTriton, check_ports, free_ports
 from serving.metrics import format_report, read_settled
 from training.checkpoint import load_model
 from training.images import save_grid

@@ -21,9 +21,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.local.triton_env import LOCAL_TRITON_VERSION, TritonNotInstalled, cache_dir, triton_install
 from serving.metrics import MetricsError, delta, read_settled
 from serving.perf_data import write_perf_input
-from serving.triton_env import LOCAL_TRITON_VERSION, TritonNotInstalled, cache_dir, triton_install
 
 PERF_WHEEL = f"tritonclient=={LOCAL_TRITON_VERSION}"
 _LIB_LINKS = {"libb64.so.0d": "libb64", "libcudart.so.12": "libcudart"}  # soname -> hashed copy prefix
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from serving.client import ServingError
-    from serving.launcher import LaunchError, LocalTriton, free_ports
+    from serving.local.launcher import LaunchError, LocalTriton, free_ports
 
     args = build_parser().parse_args(argv)
     try:

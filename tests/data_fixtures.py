@@ -16,7 +16,7 @@ import numpy as np
 import torchvision
 from PIL import Image
 
-from training.prepare_data import FMNIST_DEB_DIR, MNIST_JSON, write_idx
+from training.data.prepare import FMNIST_DEB_DIR, MNIST_JSON, write_idx
 
 # ---- Readers: the stock classes verify the official MD5s, which synthetic files cannot match ----
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.baselines import VAE, LatentEBM, build_model, standard_normal
 from training.checkpoint import load_model
 from training.config import get_preset, with_model, with_overrides
+from training.model.baselines import VAE, LatentEBM, build_model, standard_normal
 from training.sample import sample_images
 from training.train import train
 
@@ -99,7 +99,7 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess[str]:
 def test_kaem_only_tools_refuse_baselines_clearly(runs: dict[str, Path], tmp_path: Path) -> None:
     export = ["--checkpoint", str(runs["vae"]), "--model-repository", str(tmp_path / "repo")]
     plot = ["--checkpoint", str(runs["lebm"]), "--out", str(tmp_path / "p.png")]
-    for module, args in (("export.to_onnx", export), ("training.plot_prior", plot)):
+    for module, args in (("export.to_onnx", export), ("training.eval.plot_prior", plot)):
         r = _cli(module, *args)
         assert r.returncode == 2, r.stderr
         assert "baseline, not a KAEM" in r.stderr and "Traceback" not in r.stderr
@@ -108,7 +108,7 @@ def test_kaem_only_tools_refuse_baselines_clearly(runs: dict[str, Path], tmp_pat
 
 
 def test_kaem_compare_trains_scores_and_reuses(tmp_path: Path) -> None:
-    from training import compare, features
+    from training.eval import compare, features
 
     net, acc = features.train_feature_net("digits", epochs=3, progress=False)
     feat = features.save_feature_net(tmp_path / "digits.pt", net, "digits", acc, 3, 0)
@@ -128,7 +128,7 @@ def test_kaem_compare_trains_scores_and_reuses(tmp_path: Path) -> None:
 
 
 def test_kaem_compare_at_equal_wall_clock_with_lr_sweep(tmp_path: Path) -> None:
-    from training import compare, features
+    from training.eval import compare, features
 
     net, acc = features.train_feature_net("digits", epochs=3, progress=False)
     feat = features.save_feature_net(tmp_path / "digits.pt", net, "digits", acc, 3, 0)
@@ -171,5 +171,5 @@ def test_kaem_compare_at_equal_wall_clock_with_lr_sweep(tmp_path: Path) -> None:
     assert row["lr"] == pytest.approx(preset_lr * meta["lr_factors"]["vae"])
     for bad in (["--steps", "5", "--lr-sweep"], ["--minutes", "1", "--lr-sweep", "--lr-from", "x.json"],
                 ["--minutes", "1", "--lr-from", str(tmp_path / "missing.json")], ["--minutes", "-1"]):
-        r = _cli("training.compare", "--preset", "digits", *bad)
+        r = _cli("training.eval.compare", "--preset", "digits", *bad)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr

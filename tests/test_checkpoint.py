@@ -17,7 +17,7 @@ from training.checkpoint import (
     slim_copy,
 )
 from training.config import get_preset
-from training.model import KAEM
+from training.model.kaem import KAEM
 
 
 @pytest.fixture()

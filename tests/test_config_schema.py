@@ -12,7 +12,7 @@ import pytest
 
 from training.checkpoint import CheckpointError, config_of
 from training.config import SCHEMA_VERSION, KAEMConfig, get_preset
-from training.model import KAEM
+from training.model.kaem import KAEM
 from training.sample import sample_images
 
 FIXTURES = Path(__file__).parent / "fixtures"

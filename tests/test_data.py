@@ -22,9 +22,10 @@ from data_fixtures import (
     write_svhn,
 )
 
-from training import data, prepare_data
-from training.data import DataError, image_shape, load_dataset
-from training.prepare_data import PrepareError, idx_count, mnist_arrays, write_idx, write_mnist_split
+from training.data import datasets as data
+from training.data import prepare as prepare_data
+from training.data.datasets import DataError, image_shape, load_dataset
+from training.data.prepare import PrepareError, idx_count, mnist_arrays, write_idx, write_mnist_split
 
 # ---- sklearn digits -----------------------------------------------------------------------------
 

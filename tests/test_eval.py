@@ -17,11 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-from training import metrics
 from training.cli import UserError
-from training.data import DataError, load_dataset
-from training.evaluate import evaluate, main
-from training.features import (
+from training.data.datasets import DataError, load_dataset
+from training.eval import metrics
+from training.eval.evaluate import evaluate, main
+from training.eval.features import (
     FeatureNet,
     accuracy,
     classifier_features,
@@ -139,7 +139,7 @@ def test_fmnist_labels_align_with_images() -> None:
 def test_colour_labels_and_net_shapes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from data_fixtures import TEST_READERS, write_cifar10, write_svhn
 
-    from training import data
+    from training.data import datasets as data
 
     for name, cls in TEST_READERS.items():
         monkeypatch.setitem(data.READERS, name, cls)
@@ -195,7 +195,7 @@ def test_evaluate_with_pluggable_generator(digits_features: Path) -> None:
 
 
 def test_blur_and_blur_equivalent() -> None:
-    from training.evaluate import blur, blur_equivalent
+    from training.eval.evaluate import blur, blur_equivalent
 
     images = _digits_uint8("test")[:50]
     assert blur(images, 0.0) is images
@@ -246,7 +246,7 @@ def test_kaem_eval_end_to_end(digits_checkpoint: Path, digits_features: Path, tm
 
 def test_kaem_eval_missing_features_is_user_error(digits_checkpoint: Path, tmp_path: Path) -> None:
     missing = tmp_path / "features" / "digits.pt"
-    r = subprocess.run([sys.executable, "-m", "training.evaluate", "--checkpoint", str(digits_checkpoint),
+    r = subprocess.run([sys.executable, "-m", "training.eval.evaluate", "--checkpoint", str(digits_checkpoint),
                         "--n", "16", "--features", str(missing), "--out", str(tmp_path / "r.json")],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                        timeout=120)

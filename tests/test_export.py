@@ -18,7 +18,7 @@ from export.to_onnx import contract_for, export_checkpoint, ort_session
 from export.triton_config import parse_config, render_config
 from training.checkpoint import load_model, save_checkpoint
 from training.config import get_preset, with_overrides
-from training.model import KAEM
+from training.model.kaem import KAEM
 from training.sample import sample_images, seeds_to_u
 from training.train import train
 
@@ -49,7 +49,7 @@ def test_graph_contract_and_metadata(exported) -> None:
     ops = {n.op_type for n in proto.graph.node}
     assert not ops & {"RandomUniform", "RandomUniformLike", "RandomNormal", "Multinomial"}
     assert "IsNaN" in ops  # the graph sanitises u itself
-    # Latent health travels with the artefact, the same numbers as training.health computes.
+    # Latent health travels with the artefact, the same numbers as training.eval.health computes.
     assert meta["kaem.latent_pr"] == f"{report.health.latent_pr:.4f}"
     assert meta["kaem.gen_dim"] == f"{report.health.gen_dim:.4f}"
     assert len(meta["kaem.latent_top3"].split(",")) == 3

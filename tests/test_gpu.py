@@ -58,7 +58,7 @@ def test_tensorrt_config_loads_and_serves(exported, tmp_path: Path) -> None:
         pytest.skip("needs the production image's tritonserver (on PATH) with its native onnxruntime backend in "
                     f"{NATIVE_BACKENDS}: run inside the NGC-based image built from the Dockerfile")
     from serving.client import generate_images
-    from serving.launcher import LocalTriton, free_ports
+    from serving.local.launcher import LocalTriton, free_ports
 
     class NativeTriton(LocalTriton):
         def command(self) -> list[str]:

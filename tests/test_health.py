@@ -1,4 +1,4 @@
-"""Latent health (training.health): the participation ratio of h and the generator dimension flag a
+"""Latent health (training.eval.health): the participation ratio of h and the generator dimension flag a
 collapsed latent (energies copied across q; a decoder that reads one coordinate, even under the mixture
 prior), pass healthy generators, agree with a brute-force Jacobian, and travel into the logs."""
 
@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from training.baselines import VAE
 from training.config import get_preset, with_overrides
-from training.health import (
+from training.eval.health import (
     MIN_GEN_DIM,
     covariance_spectrum,
     generator_jacobian,
     latent_health,
     participation_ratio,
 )
-from training.model import KAEM
+from training.model.baselines import VAE
+from training.model.kaem import KAEM
 from training.sample import seeds_to_u
 from training.train import train
 
@@ -120,7 +120,7 @@ def test_training_logs_health_every_interval(tmp_path: Path) -> None:
 
 
 def test_prior_structure_numbers_see_copied_energies() -> None:
-    from training.plot_prior import describe_structure, prior_structure
+    from training.eval.plot_prior import describe_structure, prior_structure
 
     model = _kaem("univariate", init_seed=4)
     with torch.no_grad():

@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 
 from training.config import get_preset
 from training.losses import importance_sampling_loss, importance_sampling_loss_reference
-from training.model import KAEM
+from training.model.kaem import KAEM
 from training.uniforms import step_generator
 
 CFG = get_preset("digits")

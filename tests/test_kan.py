@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.kan import _RBF, EXP_FLOOR, Basis, EnergyBank, KANLayer
+from training.model.kan import _RBF, EXP_FLOOR, Basis, EnergyBank, KANLayer
 
 BASES = ("rbf", "fft", "cheby")
 

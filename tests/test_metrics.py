@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.linalg import sqrtm
 
-from training import metrics
+from training.eval import metrics
 
 
 def _gaussians(d: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:

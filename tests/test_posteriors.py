@@ -17,12 +17,12 @@ import torch
 from data_fixtures import TEST_READERS, write_celeba, write_cifar10, write_svhn
 from sklearn.datasets import load_digits
 
-from training import data
 from training.checkpoint import load_checkpoint
 from training.config import get_preset, with_overrides
+from training.data import datasets as data
 from training.losses import POSTERIORS, StepContext
-from training.model import KAEM
-from training.prior import gauss_legendre
+from training.model.kaem import KAEM
+from training.model.prior import gauss_legendre
 from training.train import train
 from training.uniforms import step_generator
 

@@ -11,7 +11,7 @@ import torch
 from scipy import stats
 
 from training.config import PI0_DOMAINS, PriorConfig
-from training.prior import U_EPS, EnergyPrior, gauss_legendre, inverse_cdf, knot_positions, log_pi0, sanitize_u
+from training.model.prior import U_EPS, EnergyPrior, gauss_legendre, inverse_cdf, knot_positions, log_pi0, sanitize_u
 
 EPS = 1e-4
 ASYMMETRIC = [(0.0, 4.0), (-0.1, 1.1), (2.0, 5.0)]
@@ -513,7 +513,7 @@ def test_density_on_nodes_is_normalised_with_quadrature_weights() -> None:
 def test_eager_binary_search_matches_compare_and_count() -> None:
     # Eager ITS uses searchsorted, the definition is compare-and-count: the same index everywhere,
     # including ties (zero-mass cells) and u exactly on a CDF value, in both table layouts.
-    from training.prior import _bucket, count_below
+    from training.model.prior import _bucket, count_below
 
     g = torch.Generator().manual_seed(3)
     m = torch.rand(4, 3, 12, generator=g)
@@ -555,7 +555,7 @@ def test_bucket_lookup_gives_the_binary_search_index_bit_for_bit() -> None:
     # searchsorted and compare-and-count do, on any non-decreasing table: ties, spikes, tails below U_EPS,
     # u on table values and on bucket edges; with the window forced small (many buckets, up to the cap,
     # where the window then grows to stay exact) and forced few (a wide window).
-    from training.prior import BucketLookup, count_below
+    from training.model.prior import BucketLookup, count_below
 
     g = torch.Generator().manual_seed(11)
     table = _hard_tables(g)
@@ -575,7 +575,7 @@ def test_bucket_lookup_gives_the_binary_search_index_bit_for_bit() -> None:
 
 @pytest.mark.parametrize("kind", ["univariate", "folded", "independent", "mixture"])
 def test_prior_sample_with_the_bucket_lookup_equals_eager_sampling(kind: str) -> None:
-    from training.prior import BucketLookup
+    from training.model.prior import BucketLookup
 
     prior = _prior("rbf", "gaussian", kind=kind, P=3, Q=4, seed=4, scale=3.0)
     g = torch.Generator().manual_seed(7)
@@ -591,7 +591,7 @@ def test_prior_sample_with_the_bucket_lookup_equals_eager_sampling(kind: str) ->
 def test_row_indexed_inversion_equals_gathered_rows_bit_for_bit() -> None:
     # The mixture's eager path searches all rows at once (offset by 2r in float64); the graph gathers the
     # chosen rows and counts. Same z to the bit, ties, CDF values and both ends included.
-    from training.prior import inverse_cdf_rows
+    from training.model.prior import inverse_cdf_rows
 
     g = torch.Generator().manual_seed(5)
     m = torch.rand(12, 30, generator=g)
@@ -612,7 +612,7 @@ def test_row_indexed_inversion_equals_gathered_rows_bit_for_bit() -> None:
         cdf = prior.cdf_table()
         rows = cdf.reshape(prior.Q * prior.P, -1)
         v, w = uu[:, : prior.Q], sanitize_u(uu[:, prior.Q :])
-        from training.prior import count_below
+        from training.model.prior import count_below
 
         pick = torch.arange(prior.Q) * prior.P + torch.clamp(count_below(prior.cum_alpha, v), 0, prior.P - 1)
         assert torch.equal(prior.sample(uu, cdf), inverse_cdf(rows[pick], prior.knots, w))
@@ -624,7 +624,7 @@ def test_row_indexed_inversion_equals_gathered_rows_bit_for_bit() -> None:
 
 
 def test_tent_fold_is_continuous_periodic_and_keeps_uniforms_uniform() -> None:
-    from training.prior import fold_shifts, tent_fold
+    from training.model.prior import fold_shifts, tent_fold
 
     v = torch.linspace(-2, 3, 50001, dtype=torch.float64)
     t = tent_fold(v)

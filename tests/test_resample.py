@@ -10,8 +10,8 @@ import torch
 
 from training.config import PosteriorConfig, get_preset
 from training.losses import importance_sampling_loss
-from training.model import KAEM
-from training.resample import RESAMPLERS, residual, stratified, systematic
+from training.mcmc.resample import RESAMPLERS, residual, stratified, systematic
+from training.model.kaem import KAEM
 
 N = 8
 # Non-integer N·w everywhere except the zero weight, one weight above 2/N.

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from training import samplers
-from training.samplers import MALASettings
+from training.mcmc import samplers
+from training.mcmc.samplers import MALASettings
 
 MU = torch.tensor([1.0, -0.5])
 SD = torch.tensor([0.7, 1.2])

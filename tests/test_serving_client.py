@@ -22,11 +22,11 @@ from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, ContractError
 from export.triton_config import contract_from_config, parse_config
 from serving import client, metrics
 from serving.loadtest import parse_concurrency
-from serving.ort_shim import check_input, run_merged
+from serving.local.ort_shim import check_input, run_merged
 from serving.perf_data import perf_input_data
 from training.uniforms import uniforms_for_seeds
 
-CLIS = {"kaem-serve": "serving.launcher", "kaem-generate": "serving.client", "kaem-metrics": "serving.metrics",
+CLIS = {"kaem-serve": "serving.local.launcher", "kaem-generate": "serving.client", "kaem-metrics": "serving.metrics",
         "kaem-loadtest": "serving.loadtest"}
 
 

@@ -1,6 +1,6 @@
 """No subnormal floats by construction (issue: served-graph speed, item 3): x86 handles them many times
 slower, in torch and in onnxruntime. Latents far outside the RBF grids (±50, ±1e3) once produced them in
-the decoder's Gaussian basis; the basis and the SiLU now floor their exponents (training/kan.py).
+the decoder's Gaussian basis; the basis and the SiLU now floor their exponents (training/model/kan.py).
 
 Every intermediate is checked, not just module outputs: eagerly with a dispatch mode that sees each op's
 result (forward and backward), in onnxruntime by exposing every node output of the exported graph."""
@@ -26,7 +26,7 @@ from export.to_onnx import ort_session
 from training.checkpoint import load_model
 from training.config import get_preset
 from training.losses import POSTERIORS
-from training.model import KAEM
+from training.model.kaem import KAEM
 from training.sample import seeds_to_u
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "kaem_fmnist.pt"

@@ -26,7 +26,7 @@ def _digits(steps: int, seed: int = 3, lr_schedule: str = "constant", prior_lr_r
 
 
 def test_prior_lr_ratio_splits_the_optimiser_groups() -> None:
-    from training.model import KAEM
+    from training.model.kaem import KAEM
 
     one = KAEM(_digits(10)).param_groups(1e-3)
     assert len(one) == 1 and one[0]["lr"] == 1e-3  # ratio 1: schema 1's single group
@@ -120,7 +120,7 @@ def _run(*args: str, env: dict[str, str] | None = None, timeout: int = 240) -> s
         (["training.sample", "--checkpoint", "/nonexistent/ckpt.pt"], "checkpoint not found"),
         (["training.sample", "--checkpoint", "/nonexistent", "--seeds", "9-2"], "bad seed range"),
         (["training.sample", "--checkpoint", "/nonexistent", "--seeds", "x"], "bad seed range"),
-        (["training.plot_prior", "--checkpoint", "/nonexistent"], "checkpoint not found"),
+        (["training.eval.plot_prior", "--checkpoint", "/nonexistent"], "checkpoint not found"),
     ],
 )
 def test_cli_user_errors(argv: list[str], expect: str) -> None:
@@ -150,7 +150,7 @@ def test_cli_train_then_sample_and_plot(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [
         "seed000000.png", "seed000001.png", "seed000002.png", "seed000003.png", "seed000010.png"]
-    r = _run("training.plot_prior", "--checkpoint", str(run), "--checkpoint", str(run), "--out",
+    r = _run("training.eval.plot_prior", "--checkpoint", str(run), "--checkpoint", str(run), "--out",
              str(tmp_path / "p.png"), "--component", "1,1", "--component", "2,3")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "p.png").stat().st_size > 10_000

@@ -118,7 +118,7 @@ def test_shim_session_options_equal_the_config_parameters() -> None:
     import onnxruntime as ort
     from google.protobuf import json_format
 
-    from serving.ort_shim import session_options
+    from serving.local.ort_shim import session_options
 
     def as_triton_json(text: str) -> dict:
         return json_format.MessageToDict(parse_config(text), preserving_proto_field_name=True)

@@ -29,9 +29,10 @@ from serving_fixtures import (
 from tritonclient.utils import InferenceServerException
 
 from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, U_EPS, ContractError
-from serving import client, launcher, loadtest, metrics
-from serving.launcher import LaunchError, LocalTriton, check_ports, free_ports
-from serving.triton_env import LOCAL_TRITON_VERSION
+from serving import client, loadtest, metrics
+from serving.local import launcher
+from serving.local.launcher import LaunchError, LocalTriton, check_ports, free_ports
+from serving.local.triton_env import LOCAL_TRITON_VERSION
 
 pytestmark = pytest.mark.triton
 
@@ -159,7 +160,7 @@ def test_generate_cli_writes_grid_and_per_seed_pngs(server, tmp_path, capsys):
 
 
 def _kaem_serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serving.launcher", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "serving.local.launcher", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
 
@@ -200,7 +201,7 @@ def test_kaem_serve_runs_until_sigterm_and_stops_cleanly(repo, tmp_path):
     ports = free_ports(3)
     args = ["--model-repository", str(repo), "--grpc-port", str(ports[0]), "--http-port", str(ports[1]),
             "--metrics-port", str(ports[2]), "--log-file", str(tmp_path / "log.txt")]
-    proc = subprocess.Popen([sys.executable, "-m", "serving.launcher", *args], cwd=ROOT, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "serving.local.launcher", *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = proc.stdout.readline()  # blocks until ready (or exit)

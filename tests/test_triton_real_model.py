@@ -13,7 +13,7 @@ import torch
 from export.contract import INPUT_U, OUTPUT_IMAGES
 from export.to_onnx import export_checkpoint, ort_session
 from serving.client import generate_images
-from serving.launcher import LocalTriton, free_ports
+from serving.local.launcher import LocalTriton, free_ports
 from serving.metrics import read_settled
 from training.checkpoint import load_model
 from training.config import get_preset, with_overrides

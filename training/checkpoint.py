@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from training.config import KAEMConfig
-from training.model import LatentImageModel
+from training.model.kaem import LatentImageModel
 
 FORMAT = "kaem-checkpoint"
 FORMAT_VERSION = 1
@@ -114,7 +114,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
                kaem_only: bool = False) -> tuple[Any, dict[str, Any]]:
     """Rebuild the model from the checkpoint's own config (the only way a model is rebuilt): a KAEM,
     or a VAE / latent-EBM baseline. ``kaem_only`` refuses baselines with a clear error."""
-    from training.baselines import MODEL_NAMES, build_model  # deferred: it imports the loss modules
+    from training.model.baselines import MODEL_NAMES, build_model  # deferred: it imports the loss modules
 
     ckpt = load_checkpoint(path, map_location)
     cfg = config_of(ckpt)

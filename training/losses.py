@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from training import samplers
 from training.config import PosteriorConfig
-from training.model import KAEM, LatentImageModel
-from training.prior import normal_cdf, normal_icdf, sanitize_u
-from training.resample import RESAMPLERS, inverse_cumsum
+from training.mcmc import samplers
+from training.mcmc.resample import RESAMPLERS, inverse_cumsum
+from training.model.kaem import KAEM, LatentImageModel
+from training.model.prior import normal_cdf, normal_icdf, sanitize_u
 
 
 @dataclass

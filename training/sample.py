@@ -15,8 +15,8 @@ from training import uniforms
 from training.checkpoint import CheckpointError, load_model
 from training.cli import HelpFormatter, UserError, resolve_device, user_errors
 from training.images import save_each, save_grid, to_uint8_nhwc
-from training.model import KAEM, LatentImageModel
-from training.prior import BucketLookup
+from training.model.kaem import KAEM, LatentImageModel
+from training.model.prior import BucketLookup
 from training.uniforms import parse_seeds
 
 

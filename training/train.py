@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, DistributedSampler
 from tqdm import tqdm
 
-from training.baselines import MODEL_NAMES, build_model, loss_fn_for
 from training.checkpoint import (
     CheckpointError,
     checkpoint_name,
@@ -47,9 +46,10 @@ from training.config import (
     with_overrides,
     with_settings,
 )
-from training.health import LatentHealth, latent_health
+from training.eval.health import LatentHealth, latent_health
 from training.losses import CHAINS_IN_Z, StepContext
-from training.model import KAEM, LatentImageModel
+from training.model.baselines import MODEL_NAMES, build_model, loss_fn_for
+from training.model.kaem import KAEM, LatentImageModel
 from training.runtime import keep_freed_memory
 from training.uniforms import step_generator
 
@@ -200,7 +200,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
     # Returns the last checkpoint written (on rank 0; other ranks return its expected path).
     """Train ``cfg`` into ``run_dir``; returns the final checkpoint path. ``max_seconds`` stops the
     loop early (all ranks at the same step) and checkpoints there; schedules keep the planned total."""
-    from training.data import load_dataset  # deferred: the CLI's --dry-run and errors stay fast
+    from training.data.datasets import load_dataset  # deferred: the CLI's --dry-run and errors stay fast
 
     # ---- Distributed setup and run directory --------------------------------------------------
     rank, world, device = init_distributed(device)
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(cfg.to_json())
         return 0
-    from training.data import DataError
+    from training.data.datasets import DataError
 
     run_dir = Path(args.out or (f"runs/{cfg.preset}" if cfg.model == "kaem" else f"runs/{cfg.preset}-{cfg.model}"))
     device = resolve_device(args.device)

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from training import metrics
 from training.checkpoint import CheckpointError, atomic_write, load_model
 from training.cli import HelpFormatter, UserError, resolve_device, user_errors
-from training.data import DataError, image_shape, load_dataset
-from training.features import FeatureNet, classifier_features, describe, load_feature_net
-from training.health import LatentHealth, latent_health
-from training.model import LatentImageModel
+from training.data.datasets import DataError, image_shape, load_dataset
+from training.eval import metrics
+from training.eval.features import FeatureNet, classifier_features, describe, load_feature_net
+from training.eval.health import LatentHealth, latent_health
+from training.model.kaem import LatentImageModel
 
 Generate = Callable[[int], np.ndarray]  # n -> uint8 images [n, H, W, C]
 BLUR_SIGMAS = (0.0, 0.7, 1.0, 1.5)  # px: the rungs of the blur ladder
@@ -136,7 +136,7 @@ def evaluate(model: LatentImageModel | None, dataset: str, n: int = 10_000, *, g
     ``inception_weights``: adds FID/KID. ``infinity``: adds the ∞ versions, fitted over ``infinity_ns``
     (default :func:`metrics.infinity_ns` of n). ``seed`` also picks the real subset and KID subsets.
     ``ladder``: adds the blur ladder (real training images blurred by σ px, same metrics) and the
-    blur-equivalent σ of the FD-clf; ``health``: adds the model's latent health (training.health)."""
+    blur-equivalent σ of the FD-clf; ``health``: adds the model's latent health (training.eval.health)."""
     from training.sample import sample_images
 
     if generate is None:

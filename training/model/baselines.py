@@ -16,13 +16,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from training import samplers
 from training.config import KAEMConfig, PosteriorConfig
-from training.decoder import build_decoder
-from training.kan import KANLayer
 from training.losses import POSTERIORS, LossFn, LossOutput, StepContext, noisy_loglik
-from training.model import KAEM, LatentImageModel
-from training.prior import normal_icdf
+from training.mcmc import samplers
+from training.model.decoder import build_decoder
+from training.model.kaem import KAEM, LatentImageModel
+from training.model.kan import KANLayer
+from training.model.prior import normal_icdf
 
 standard_normal = normal_icdf  # Φ⁻¹(u), u sanitised like the ITS inputs
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from training.config import PriorConfig
-from training.kan import EnergyBank
+from training.model.kan import EnergyBank
 from training.uniforms import u_layout
 
 # NaN becomes 0.5 and u is clamped into [U_EPS, 1 - U_EPS] before inversion (spec §9).

@@ -13,7 +13,7 @@ import torch
 
 from training.checkpoint import CheckpointError, load_model
 from training.cli import HelpFormatter, UserError, user_errors
-from training.model import KAEM
+from training.model.kaem import KAEM
 
 
 def kl_from_pi0(model: KAEM) -> torch.Tensor:

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from training.config import KAEMConfig
-from training.decoder import build_decoder
-from training.prior import BucketLookup, EnergyPrior
+from training.model.decoder import build_decoder
+from training.model.prior import BucketLookup, EnergyPrior
 
 
 class LatentImageModel(nn.Module):

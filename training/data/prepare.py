@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     root = args.root
     if root is None:
-        from training.data import default_data_root  # deferred: it imports torch
+        from training.data.datasets import default_data_root  # deferred: it imports torch
 
         root = default_data_root()
     try:

@@ -52,7 +52,7 @@ class DataError(Exception):
 def default_data_root() -> Path:
     """``$KAEM_DATA_ROOT`` if set, else ``<project>/data`` (filled by ``make setup``)."""
     env = os.environ.get("KAEM_DATA_ROOT")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
 
 
 def image_shape(name: str) -> tuple[int, int, int]:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from training.config import DecoderConfig
-from training.kan import KANLayer
+from training.model.kan import KANLayer
 
 
 class KANDecoder(nn.Module):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from training.checkpoint import atomic_write
 from training.cli import HelpFormatter, UserError, resolve_device, user_errors
-from training.data import DataError, default_data_root, image_shape, load_dataset
+from training.data.datasets import DataError, default_data_root, image_shape, load_dataset
 
 FORMAT = "kaem-features"
 FORMAT_VERSION = 1
@@ -61,11 +61,11 @@ class FeatureNet(nn.Module):
         return self.head(self(x))
 
 
-# ---- Labelled data: the images of training.data plus the labels its readers also hold ---------------
+# ---- Labelled data: the images of training.data.datasets plus the labels its readers also hold ---------------
 
 
 def labelled_dataset(name: str, root: str | Path | None, split: str) -> tuple[Dataset, Tensor]:
-    """(images exactly as :func:`training.data.load_dataset` gives them, int64 labels in the same order)."""
+    """(images exactly as :func:`training.data.datasets.load_dataset` gives them, int64 labels in the same order)."""
     image_shape(name)  # DataError for an unknown name
     if name not in CLASSES:
         raise DataError(f"{name} has no class labels in this project (its reader loads images only), so no "
@@ -89,9 +89,9 @@ def labelled_dataset(name: str, root: str | Path | None, split: str) -> tuple[Da
 def _digits_labels(split: str) -> Tensor:
     from sklearn.datasets import load_digits
 
-    from training.data import DIGITS_SPLIT_SEED, DIGITS_TRAIN
+    from training.data.datasets import DIGITS_SPLIT_SEED, DIGITS_TRAIN
 
-    y = load_digits().target  # the same seeded permutation as training.data._digits
+    y = load_digits().target  # the same seeded permutation as training.data.datasets._digits
     order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(y))
     return torch.from_numpy(y[order[:DIGITS_TRAIN] if split == "train" else order[DIGITS_TRAIN:]])
 

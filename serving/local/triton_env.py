@@ -84,7 +84,7 @@ def cache_dir() -> Path:
     """``$KAEM_CACHE_DIR``, else ``<project>/.cache`` in a source checkout, else ``~/.cache/kaem-serve``."""
     if os.environ.get("KAEM_CACHE_DIR"):
         return Path(os.environ["KAEM_CACHE_DIR"])
-    project = Path(__file__).resolve().parent.parent
+    project = Path(__file__).resolve().parents[2]
     if (project / "pyproject.toml").is_file():
         return project / ".cache"
     return Path.home() / ".cache" / "kaem-serve"

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from training.baselines import MODEL_NAMES
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model
 from training.cli import HelpFormatter, UserError, resolve_device, user_errors
 from training.config import MODELS, POSTERIOR_KINDS, PRESETS, KAEMConfig, get_preset, with_model, with_overrides
+from training.model.baselines import MODEL_NAMES
 from training.runtime import keep_freed_memory
 
 METRICS = (("fd_clf", "FD-clf", min), ("kid_clf", "KID-clf", min), ("precision_clf", "precision-clf", max),
@@ -58,9 +58,9 @@ def train_or_load(cfg, run_dir: Path, data_root: str | None, device: torch.devic
 def seconds_per_step(cfg: KAEMConfig, device: torch.device, data_root: str | None, n: int = 8) -> float:
     """Median wall time of one training step of ``cfg`` (model, loss, backward, Adam) on real batches,
     after two warm-up steps: the rate a --minutes budget is planned with."""
-    from training.baselines import build_model, loss_fn_for
-    from training.data import load_dataset
+    from training.data.datasets import load_dataset
     from training.losses import StepContext
+    from training.model.baselines import build_model, loss_fn_for
     from training.uniforms import step_generator
 
     keep_freed_memory()  # as train() does: the rate planned with is the loop's
@@ -171,7 +171,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Data set **{meta['dataset']}** (preset `{meta['preset']}`), {budget}, batch {meta['batch_size']}; "
         f"{meta['n']} generated vs {meta['n']} test images, classifier `{meta['features']}` (test accuracy "
         f"{meta['classifier_accuracy']:.1%}). FD-clf/KID-clf are Fréchet distance and KID in that "
-        "classifier's feature space, not FID. gen. dim / h ratio: latent health (training/health.py; n/a for "
+        "classifier's feature space, not FID. gen. dim / h ratio: latent health (training/eval/health.py; n/a for "
         f"the latent EBM, whose prior is a Langevin chain, not a map of u). Device: {meta['device']}, "
         f"{meta['threads']} torch threads.",
         "",
@@ -209,7 +209,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def _score(model, cfg: KAEMConfig, n: int, data_root: str | None, features: str | None, dev: torch.device,
            progress: bool, ladder: bool) -> dict[str, Any]:
-    from training.evaluate import evaluate
+    from training.eval.evaluate import evaluate
 
     return evaluate(model, cfg.train.dataset, n, data_root=data_root, features=features, device=dev, ladder=ladder,
                     progress=progress)
@@ -234,7 +234,7 @@ def compare(preset: str, steps: int | None, out: Path, models: list[str], n: int
             data_root: str | None = None, features: str | None = None, device: str = "cpu",
             progress: bool = True, command: str = "", minutes: float | None = None, lr_sweep: bool = False,
             lr_from: str | None = None, sweep_n: int = 2000) -> tuple[list[dict[str, Any]], str]:
-    from training.evaluate import blur_equivalent
+    from training.eval.evaluate import blur_equivalent
 
     dev = resolve_device(device)
     base = get_preset(preset) if minutes else with_overrides(get_preset(preset), steps=steps)
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--lr-sweep and --lr-from exclude each other: sweep here, or reuse another sweep")
     if args.lr_from and not Path(args.lr_from).is_file():
         raise UserError(f"--lr-from: {args.lr_from} not found (a comparison.json written by kaem-compare --lr-sweep)")
-    from training.data import DataError
+    from training.data.datasets import DataError
 
     command = "kaem-compare " + " ".join(sys.argv[1:] if argv is None else argv)
     try:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from export.triton_config import DEFAULT_MODEL_FILENAME, ConfigError, parse_config
-from serving.triton_env import TritonNotInstalled, build_backend_dir, cache_dir, server_env, triton_install
+from serving.local.triton_env import TritonNotInstalled, build_backend_dir, cache_dir, server_env, triton_install
 
 SUMMARY_METRICS_ARGS = ("--metrics-config=summary_latencies=true",
                         "--metrics-config=summary_quantiles=0.5:0.05,0.9:0.01,0.99:0.001")

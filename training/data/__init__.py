@@ -1,0 +1,1 @@
+"""Datasets: offline readers and the preparation of the local copies."""

@@ -1,0 +1,1 @@
+"""Evaluation: latent health, feature-space metrics, comparisons, prior plots."""

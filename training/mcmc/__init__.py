@@ -1,0 +1,1 @@
+"""Posterior-sampling kernels (pure functions of their inputs and a generator)."""

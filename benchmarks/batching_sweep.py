@@ -38,13 +38,12 @@ def _label(preferred: tuple[int, ...]) -> str:
 
 def candidate_repository(src_repo: Path, model: str, dst: Path, delay_us: int, preferred: tuple[int, ...]) -> Path:
     """A copy of ``<src_repo>/<model>`` (latest version only) whose config differs only in dynamic_batching."""
-    from export.triton_config import parse_config, render_config, write_config
+    from export.triton_config import parse_config, render_config, version_dirs, write_config
     from serving.perf_data import contract_from_repository
 
     cfg = parse_config((src_repo / model / "config.pbtxt").read_text())
     session = {k: p.string_value for k, p in cfg.parameters.items() if not k.startswith("kaem.")}
-    versions = sorted((p for p in (src_repo / model).iterdir() if p.name.isdigit() and (p / "model.onnx").is_file()),
-                      key=lambda p: int(p.name))
+    versions = version_dirs(src_repo / model)
     if not versions:
         raise SystemExit(f"batching_sweep: no {src_repo / model}/<version>/model.onnx: export the model first")
     target = dst / model

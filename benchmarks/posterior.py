@@ -1,7 +1,7 @@
 """Posterior-estimator benchmark: the cost of one full training step (loss + backward + Adam step)
-with each estimator of spec §5.3-5.5 (IS, IS + ULA moves, ULA, MALA, Thermo at N_t = 2, 5, 10) on the same model
+with each estimator of design.md §5.3-5.5 (IS, IS + ULA moves, ULA, MALA, Thermo at N_t = 2, 5, 10) on the same model
 and the same batch of real images, measured side by side in one run, with the estimators' health
-statistics and the Thermo cost per temperature (spec §7.3: "≈ linear" in N_t).
+statistics and the Thermo cost per temperature (docs/design.md §7.3: "≈ linear" in N_t).
 
     python benchmarks/posterior.py [--preset fmnist] [--checkpoint PATH] [--steps 5] [--quick]
                                    [--batch-size B] [--threads N] [--json PATH]

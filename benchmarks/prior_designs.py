@@ -47,7 +47,7 @@ DESIGNS = {d.key: d for d in (
            "the collapsed schema-1 default (P=20, Q=41, N_s=100, decoder noise on)"),
     Design("a-mixture-is", "(a) mixture prior, IS",
            ("--prior", "mixture", "--posterior", "is", "--set", "posterior.n_samples=100") + _CONSTANT_LR + _LONG,
-           "spec §1.2: Q independent coordinates, 2Q uniforms"),
+           "docs/design.md §1.2: Q independent coordinates, 2Q uniforms"),
     Design("b-folded-is", "(b) folded KART (tent fold of u_p + c_qp), IS",
            ("--prior", "folded", "--posterior", "is", "--set", "posterior.n_samples=100") + _CONSTANT_LR + _LONG,
            "P uniforms, every (q, p) reads u_p at its own phase"),
@@ -70,7 +70,7 @@ DESIGNS = {d.key: d for d in (
     Design(f"g-mixture-isula-{_POOL}-slow-prior", "(g) = (f) with the prior at 1/5 of the decoder's lr, cosine lr",
            _ISULA + ("--set", f"posterior.n_samples={_POOL}", "--set", "train.prior_lr_ratio=0.2",
                      "--set", "train.lr_schedule=cosine", "--steps", "8500"),
-           "the author's newer configs train the prior 5× slower than the decoder (spec §10); in (f)'s 30-minute "
+           "the author's newer configs train the prior 5× slower than the decoder (design.md §10); in (f)'s 30-minute "
            "run the prior kept sharpening after step 4,500 (mean log π of its draws −29 → −5 nats) while the "
            "data term and the generator dimension fell; the lr decays ×0.1 over the planned 8,500 steps"),
     # After the faster step (one prior-energy evaluation per step, per-latent mixture energies, frozen decoder):

@@ -2,7 +2,7 @@
 the latent EBM (60-step ULA Langevin prior + decoder) and the VAE (Gaussian prior + decoder), with the
 same decoder config, batch size and device, measured side by side in one run; plus the KAEM graph in
 onnxruntime (exported with the project's exporter) and the share of KAEM generation time spent in its
-prior (spec kaem-model.md §7.3: "re-measure side by side").
+prior (docs/design.md §7.3: "re-measure side by side").
 
     python benchmarks/sampling.py [--preset fmnist] [--batch 64] [--seconds 2] [--threads 1]
                                   [--checkpoint-kaem P] [--checkpoint-vae P] [--checkpoint-lebm P]
@@ -13,7 +13,7 @@ training except through subnormal floats. KAN decoders evaluate Gaussian RBFs ex
 outside the RBF grid (a fresh KAEM's latent sums span ~±7 against the decoder's [-1.2, 1.2]) give
 subnormal values that x86 float arithmetic handles many times slower; --flush-denormal flushes them
 (torch and onnxruntime) to show how much of a gap that is. Uniforms are the serving ones:
-``training.sample.seeds_to_u(model, range(batch))``. KAEM eager runs ``model.generate(u, lookup=...)``
+``training.sample.u_for_model(model, range(batch))``. KAEM eager runs ``model.generate(u, lookup=...)``
 with the CDF table's bucket lookup built once, as ``kaem-sample`` and the served graph do; "KAEM prior"
 times ``model.prior.sample(u, lookup=...)`` alone.
 Every cell is timed at batch 1 (latency) and at --batch: warm-up calls, then calls until --seconds per
@@ -50,10 +50,10 @@ import torch
 from export.contract import INPUT_U, OUTPUT_IMAGES
 from export.to_onnx import ExportError, check_parity, export_graph, ort_session
 from training.config import KAEMConfig, get_preset
-from training.model.baselines import MODEL_NAMES, build_model
 from training.model.kaem import KAEM, LatentImageModel
 from training.model.prior import BucketLookup
-from training.sample import seeds_to_u
+from training.model.registry import MODEL_NAMES, build_model
+from training.sample import u_for_model
 
 QUICK_PRESET, QUICK_BATCH, QUICK_SECONDS = "digits", 8, 0.2
 # Table rows, in order; the test parses these labels.
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         profiles: dict[str, dict] = {}
 
         for bs in batches:
-            u = {k: torch.from_numpy(seeds_to_u(m, range(bs))) for k, m in models.items()}
+            u = {k: torch.from_numpy(u_for_model(m, range(bs))) for k, m in models.items()}
             u_np = np.ascontiguousarray(u["kaem"].numpy(), dtype=np.float32)
             with torch.no_grad():
                 h_np = np.ascontiguousarray(kaem.latent_of_u(u["kaem"], cdf).numpy(), dtype=np.float32)

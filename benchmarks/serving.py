@@ -9,7 +9,7 @@ median of the repetitions and their min-max are printed).
 
     python benchmarks/serving.py [--model-repository model_repository --model kaem_fmnist] [--quick]
 
-Without ``--model-repository`` a toy repository (tests/serving_fixtures.py) is built on the fly.
+Without ``--model-repository`` a toy repository (export/toy_model.py) is built on the fly.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from export.triton_config import version_dirs
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def latest_onnx(repo: Path, model: str) -> Path:
-    versions = sorted((p for p in (repo / model).iterdir() if p.name.isdigit() and (p / "model.onnx").is_file()),
-                      key=lambda p: int(p.name))
+    versions = version_dirs(repo / model)
     if not versions:
         raise SystemExit(f"benchmark: no {repo / model}/<version>/model.onnx: export the model first")
     return versions[-1] / "model.onnx"
@@ -94,7 +95,7 @@ def triton_overhead(grpc_url: str, model: str, onnx_path: Path, config_path: Pat
 def run_benchmark(grpc_url: str, metrics_url: str, model: str, onnx_path: Path, quick: bool = False,
                   reps: int = 5) -> dict:
     """Run all measurements against a running server; return images/s, ratios and server batch sizes."""
-    from serving.client import connect, generate_images, seeds_to_u
+    from serving.client import connect, generate_images, u_for_contract
     from serving.metrics import delta, read_settled
 
     n_big, n_small = (4 * 64, 64) if quick else (100 * 64, 2000)
@@ -102,7 +103,7 @@ def run_benchmark(grpc_url: str, metrics_url: str, model: str, onnx_path: Path, 
     grpc.close()
     generate_images(grpc_url, model, list(range(64)), batch_size=64)  # warm-up
     out: dict[str, float] = {}
-    out["ort_b64"] = bench_onnxruntime(onnx_path, seeds_to_u(range(n_big), served.contract), 64)
+    out["ort_b64"] = bench_onnxruntime(onnx_path, u_for_contract(range(n_big), served.contract), 64)
     out["triton_b64"] = generate_images(grpc_url, model, list(range(n_big)), batch_size=64)[1].images_per_s
     for c in (1, 16):
         before = read_settled(metrics_url, model)
@@ -112,7 +113,7 @@ def run_benchmark(grpc_url: str, metrics_url: str, model: str, onnx_path: Path, 
         out[f"triton_b1_c{c}_p50_ms"] = 1000 * stats.latency_quantile(0.5)
         out[f"server_batch_c{c}"] = window["avg_batch_size"] or 0.0
     over = triton_overhead(grpc_url, model, onnx_path, onnx_path.parent.parent / "config.pbtxt",
-                           seeds_to_u(range(64), served.contract), reps, 5 if quick else 40)
+                           u_for_contract(range(64), served.contract), reps, 5 if quick else 40)
     out.update({f"b64_{k}": v for k, v in over.items()})
     out["triton_over_ort_b64"] = out["triton_b64"] / out["ort_b64"]
     out["c16_over_c1_b1"] = out["triton_b1_c16"] / out["triton_b1_c1"]
@@ -139,7 +140,7 @@ def format_results(r: dict, model: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    sys.path[:0] = [str(ROOT)]
     from serving.local.launcher import LocalTriton, free_ports
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
             repo, model = Path(args.model_repository), args.model or DEFAULT_MODEL_NAME
         else:
-            from serving_fixtures import TOY_MODEL, build_toy_repository
+            from export.toy_model import TOY_MODEL, build_toy_repository
 
             repo, model = build_toy_repository(Path(tmp)), args.model or TOY_MODEL
         onnx_path = latest_onnx(repo, model)

@@ -41,7 +41,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from training.config import KAEMConfig, get_preset
 from training.losses import importance_sampling_loss_reference
-from training.model.baselines import build_model, loss_fn_for
+from training.model.registry import build_model, loss_fn_for
 from training.runtime import keep_freed_memory
 from training.uniforms import step_generator
 

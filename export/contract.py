@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from training.errors import KaemError
 from training.uniforms import GENERATOR_VERSION, PRIOR_KINDS, u_layout
 
 # v2: the prior kinds "folded" and "independent" (u layouts a v1 client cannot build) and the latent-health
@@ -25,9 +26,6 @@ OUTPUT_IMAGES_DTYPE = "TYPE_UINT8"
 OUTPUT_MEAN = "mean"
 OUTPUT_MEAN_DTYPE = "TYPE_FP32"
 
-# NaN in u becomes 0.5, then u is clamped into [U_EPS, 1 - U_EPS] inside the graph.
-U_EPS = 1e-6
-
 DEFAULT_MODEL_NAME = "kaem_fmnist"
 # "fp32": the seed -> same image guarantee (eager, onnxruntime, Triton). "fp16": the decoder's matmuls in
 # half precision (for GPUs), within one grey level of fp32 but not identical, so never the default model
@@ -39,7 +37,7 @@ METADATA_PREFIX = "kaem."
 _PREFIX = METADATA_PREFIX
 
 
-class ContractError(ValueError):
+class ContractError(KaemError):
     """A model's metadata does not match what this client/exporter speaks."""
 
 

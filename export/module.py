@@ -7,10 +7,14 @@ import torch
 from torch import Tensor, nn
 
 from export.contract import PRECISIONS
-from training.images import to_uint8_nhwc
+from training.errors import KaemError
 from training.model.decoder import KANDecoder
-from training.model.kaem import KAEM
+from training.model.kaem import KAEM, to_uint8_nhwc
 from training.model.prior import BucketLookup
+
+
+class ExportError(KaemError):
+    """An export that cannot be made or failed a check (an unsupported precision, a parity failure, ...)."""
 
 
 class ServedGenerator(nn.Module):
@@ -24,12 +28,12 @@ class ServedGenerator(nn.Module):
     def __init__(self, model: KAEM, precision: str = "fp32"):
         super().__init__()
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+            raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model = model.eval()
         self.precision = precision
         kan = isinstance(model.decoder, KANDecoder)
         if precision != "fp32" and not kan:
-            raise ValueError(f"a {precision} export needs the KAN decoder, not {type(model.decoder).__name__}")
+            raise ExportError(f"a {precision} export needs the KAN decoder, not {type(model.decoder).__name__}")
         dtype = torch.float16 if precision == "fp16" else torch.float32
         with torch.no_grad():
             self.lookup = BucketLookup(model.prior.cdf_table())

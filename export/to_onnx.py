@@ -28,10 +28,12 @@ from export.contract import (
     PRECISIONS,
     ModelContract,
 )
-from export.module import ServedGenerator
-from training.checkpoint import CheckpointError, load_model
-from training.cli import HelpFormatter, UserError, user_errors
+from export.module import ExportError, ServedGenerator
+from export.triton_config import version_dirs, write_config
+from training.checkpoint import load_model
+from training.cli import HelpFormatter, UserError, command
 from training.eval.health import LatentHealth, latent_health
+from training.io import atomic_write_bytes
 from training.model.kaem import KAEM
 
 DEFAULT_OPSET = 18
@@ -44,10 +46,6 @@ FORBIDDEN_OPS = {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNo
 MEAN_TOL = 1e-4
 PIXEL_TOL = 1
 FP16_MEAN_TOL = 4e-3  # the fp16 graph against fp32 eager: within about one grey level (1/255 = 3.9e-3)
-
-
-class ExportError(Exception):
-    """The exported graph failed a check; the message says which."""
 
 
 @dataclass
@@ -177,7 +175,7 @@ def ort_ms_per_image(sess, u_dim: int, batch: int = 64, reps: int = 5) -> float:
 
 
 def _versions(model_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / "model.onnx").exists())
+    return [int(p.name) for p in version_dirs(model_dir)]
 
 
 def publish(onnx_file: Path, config_text: str, model_dir: Path, keep_versions: int) -> int:
@@ -187,16 +185,12 @@ def publish(onnx_file: Path, config_text: str, model_dir: Path, keep_versions: i
     version = max(_versions(model_dir), default=0) + 1
     target = model_dir / str(version)
     if target.exists():  # an empty placeholder (e.g. version 1 with .gitkeep): rename the file in
-        tmp = target / ".model.onnx.tmp"
-        shutil.copyfile(onnx_file, tmp)
-        os.replace(tmp, target / "model.onnx")
+        atomic_write_bytes(target / "model.onnx", onnx_file.read_bytes())
     else:
         staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=model_dir))
         shutil.copyfile(onnx_file, staging / "model.onnx")
         os.replace(staging, target)
-    cfg_tmp = model_dir / ".config.pbtxt.tmp"
-    cfg_tmp.write_text(config_text)
-    os.replace(cfg_tmp, model_dir / "config.pbtxt")
+    write_config(model_dir, config_text)
     for old in _versions(model_dir)[:-keep_versions]:
         shutil.rmtree(model_dir / str(old))
         (model_dir / str(old)).mkdir()  # keep the numbered placeholder so a committed .gitkeep survives
@@ -224,7 +218,11 @@ def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "mo
         size = path.stat().st_size
         config = render_config(model_name, contract, max_batch_size=max_batch_size)
         model_dir = Path(model_repository) / model_name
-        version = publish(path, config, model_dir, keep_versions)
+        try:
+            version = publish(path, config, model_dir, keep_versions)
+        except OSError as err:  # an uncreatable or read-only repository, a full disk
+            raise ExportError(f"cannot install the model under {model_dir}: {err.strerror or err}"
+                              f"{f' ({err.filename})' if err.filename else ''}") from err
     return ExportReport(model_dir / str(version) / "model.onnx", version, contract, size, mean_diff, px_diff,
                         ms, ops, health)
 
@@ -251,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@user_errors(CheckpointError, ExportError)
+@command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.opset < 18:
@@ -268,11 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                         "on it giving the same image as eager sampling for a seed; pick another --model-name")
     if not args.model_name.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"--model-name {args.model_name!r}: use letters, digits, '_' and '-'")
-    try:
-        r = export_checkpoint(args.checkpoint, args.model_repository, args.model_name, args.max_batch_size,
-                              args.opset, args.keep_versions, args.precision)
-    except ValueError as err:  # e.g. fp16 for a conv decoder
-        raise UserError(str(err)) from None
+    r = export_checkpoint(args.checkpoint, args.model_repository, args.model_name, args.max_batch_size,
+                          args.opset, args.keep_versions, args.precision)
     c = r.contract
     print(f"exported {r.path} (version {r.version}, {r.size_bytes / 1e6:.2f} MB)")
     print(f"  input  {INPUT_U}: FP32 [batch, {c.u_dim}]  ({c.u_layout_text})")

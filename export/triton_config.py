@@ -25,6 +25,8 @@ from export.contract import (
     ContractError,
     ModelContract,
 )
+from training.errors import KaemError
+from training.io import atomic_write_text
 
 # Dynamic-batching defaults, CPU-tuned: chosen by `python benchmarks/batching_sweep.py` on the default
 # model with the local server and perf_analyzer sharing this 2-core machine (benchmarks/results/
@@ -69,7 +71,7 @@ _ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 6: "TYPE_INT
                    9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64"}
 
 
-class ConfigError(ValueError):
+class TritonConfigError(KaemError):
     """A ``config.pbtxt`` is malformed or disagrees with the contract or the ONNX graph."""
 
 
@@ -104,16 +106,16 @@ def render_config(
     """
     contract.check_compatible()
     if max_batch_size < 1:
-        raise ConfigError(f"max_batch_size must be >= 1 (batch is dimension 0), got {max_batch_size}")
+        raise TritonConfigError(f"max_batch_size must be >= 1 (batch is dimension 0), got {max_batch_size}")
     if max_queue_delay_us < 0:
-        raise ConfigError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
+        raise TritonConfigError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
     preferred = sorted({int(b) for b in preferred_batch_sizes if 0 < int(b) <= max_batch_size})
     blocks = {"input": [], "output": []}
     for section, name, dtype, dims in _IO:
         blocks[section].append(_tensor_block(name, dtype, dims(contract)))
     unknown = sorted(set(session or {}) - set(DEFAULT_SESSION_PARAMETERS))
     if unknown:
-        raise ConfigError(f"unknown onnxruntime session settings {unknown}; "
+        raise TritonConfigError(f"unknown onnxruntime session settings {unknown}; "
                           f"known: {sorted(DEFAULT_SESSION_PARAMETERS)}")
     settings = {**DEFAULT_SESSION_PARAMETERS, **(session or {})}
     params = ",\n".join(
@@ -149,11 +151,11 @@ def render_config(
 
 
 def parse_config(text: str) -> model_config_pb2.ModelConfig:
-    """Parse config text with Triton's protobuf schema; misspelled fields raise :class:`ConfigError`."""
+    """Parse config text with Triton's protobuf schema; misspelled fields raise :class:`TritonConfigError`."""
     try:
         return text_format.Parse(text, model_config_pb2.ModelConfig())
     except text_format.ParseError as err:
-        raise ConfigError(f"config.pbtxt does not parse with Triton's schema: {err}") from err
+        raise TritonConfigError(f"config.pbtxt does not parse with Triton's schema: {err}") from err
 
 
 def contract_from_config(cfg: model_config_pb2.ModelConfig) -> ModelContract:
@@ -197,7 +199,7 @@ def _onnx_tensors(values) -> dict[str, tuple[str, list[int | str]]]:
 
 def check_config_against_onnx(config_text: str, onnx_path: str | Path) -> ModelContract:
     """Check that a config and an ONNX file agree on tensor names, dtypes, shapes (dimension 0
-    dynamic) and contract metadata; return the contract or raise :class:`ConfigError` listing every
+    dynamic) and contract metadata; return the contract or raise :class:`TritonConfigError` listing every
     disagreement."""
     import onnx  # deferred: clients that only read configs need not import onnx
 
@@ -232,16 +234,21 @@ def check_config_against_onnx(config_text: str, onnx_path: str | Path) -> ModelC
         if onnx_meta.get(key) != cfg_meta.get(key):
             problems.append(f"metadata {key}: ONNX has {onnx_meta.get(key)!r}, config has {cfg_meta.get(key)!r}")
     if problems:
-        raise ConfigError(f"{onnx_path} does not match its config {cfg.name!r}: " + "; ".join(problems))
+        raise TritonConfigError(f"{onnx_path} does not match its config {cfg.name!r}: " + "; ".join(problems))
     return contract
+
+
+def version_dirs(model_dir: str | Path, model_file: str | None = "model.onnx") -> list[Path]:
+    """The numbered version folders of a model in a Triton repository, oldest first; with ``model_file``, only
+    those holding it (the placeholder folders a rollback or a fresh checkout leaves are skipped)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    found = (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted((p for p in found if model_file is None or (p / model_file).is_file()), key=lambda p: int(p.name))
 
 
 def write_config(model_dir: str | Path, text: str) -> Path:
     """Write ``<model_dir>/config.pbtxt`` atomically (a running server never reads half a file)."""
     parse_config(text)
-    path = Path(model_dir) / "config.pbtxt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".config.pbtxt.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return atomic_write_text(Path(model_dir) / "config.pbtxt", text)

@@ -25,6 +25,8 @@ from export.contract import DEFAULT_MODEL_NAME, INPUT_U, OUTPUT_IMAGES, Contract
 from export.triton_config import contract_from_config
 from serving.metrics import histogram_quantile
 from training import uniforms
+from training.cli import command
+from training.errors import KaemError
 from training.uniforms import parse_seeds
 
 # Request latency buckets in seconds: 0.25 ms .. ~46 s, x sqrt(2) per bucket (quantile estimates
@@ -32,7 +34,7 @@ from training.uniforms import parse_seeds
 LATENCY_BUCKETS = tuple(round(0.00025 * 2 ** (i / 2), 7) for i in range(36))
 
 
-class ServingError(RuntimeError):
+class ServingError(KaemError):
     """The server is unreachable, not ready, does not serve the model, or rejected a request."""
 
 
@@ -104,7 +106,7 @@ def connect(url: str, model: str, timeout_s: float = 10.0) -> tuple[grpcclient.I
     return client, ServedModel(model, contract, cfg.max_batch_size)
 
 
-def seeds_to_u(seeds: Sequence[int], contract: ModelContract, truncation: float = 1.0) -> np.ndarray:
+def u_for_contract(seeds: Sequence[int], contract: ModelContract, truncation: float = 1.0) -> np.ndarray:
     """Uniforms ``[N, D]`` for image seeds, with the truncation trick on the ITS columns only."""
     return uniforms.seeds_to_u(seeds, contract.u_dim, contract.its_start, truncation)
 
@@ -134,7 +136,7 @@ def generate_images(url: str, model: str, seeds: Sequence[int], truncation: floa
     limit = min(batch_size or served.max_batch_size, served.max_batch_size)
     if limit < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    u = seeds_to_u(seeds, served.contract, truncation)
+    u = u_for_contract(seeds, served.contract, truncation)
     chunks = [u[i : i + limit] for i in range(0, len(u), limit)]
     registry = CollectorRegistry()
     hist = Histogram("kaem_client_request_seconds", "Client-side Triton request latency",
@@ -195,17 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     from training.images import save_each, save_grid
 
     args = build_parser().parse_args(argv)
-    try:
-        seeds = parse_seeds(args.seeds)
-        images, stats = generate_images(args.url, args.model, seeds, args.truncation, args.concurrency,
-                                        args.batch_size, args.timeout)
-    except (ValueError, ServingError) as err:  # ContractError is a ValueError
-        print(f"kaem-generate: error: {err}", file=sys.stderr)
-        return 2
+    seeds = parse_seeds(args.seeds)
+    images, stats = generate_images(args.url, args.model, seeds, args.truncation, args.concurrency,
+                                    args.batch_size, args.timeout)
     upscale = args.upscale or _upscale_for(images.shape[1], images.shape[2])
     grid = save_grid(images, args.out, upscale=upscale)
     print(f"wrote {grid} ({len(seeds)} images of {images.shape[1]}x{images.shape[2]}x{images.shape[3]},"

@@ -17,6 +17,7 @@ from serving.client import generate_images
 from serving.local.launcher import LaunchError, LocalTriton, check_ports, free_ports
 from serving.metrics import format_report, read_settled
 from training.checkpoint import load_model
+from training.cli import command
 from training.images import save_grid
 from training.sample import sample_images
 
@@ -48,6 +49,7 @@ def ensure_checkpoint(path: Path) -> Path:
     return train(cfg, run, torch.device("cpu"), resume=run.exists())
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.demo", description=__doc__)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint to serve")

@@ -22,14 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.local.triton_env import LOCAL_TRITON_VERSION, TritonNotInstalled, cache_dir, triton_install
-from serving.metrics import MetricsError, delta, read_settled
+from serving.metrics import delta, read_settled
 from serving.perf_data import write_perf_input
+from training.cli import UserError, command
+from training.errors import KaemError
 
 PERF_WHEEL = f"tritonclient=={LOCAL_TRITON_VERSION}"
 _LIB_LINKS = {"libb64.so.0d": "libb64", "libcudart.so.12": "libcudart"}  # soname -> hashed copy prefix
 
 
-class LoadTestError(RuntimeError):
+class LoadTestError(KaemError):
     """perf_analyzer cannot be obtained or a measurement failed; the message says what."""
 
 
@@ -99,7 +101,7 @@ def parse_concurrency(text: str) -> list[int]:
     except ValueError:
         levels = []
     if not levels or min(levels) < 1:
-        raise ValueError(f"bad --concurrency {text!r}: use a list '1,2,4,8', a range '1:16:2' or a geometric"
+        raise LoadTestError(f"bad --concurrency {text!r}: use a list '1,2,4,8', a range '1:16:2' or a geometric"
                          " range '1:16:x2' of positive integers")
     return levels
 
@@ -206,36 +208,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
-    from serving.client import ServingError
-    from serving.local.launcher import LaunchError, LocalTriton, free_ports
+    from serving.local.launcher import LocalTriton, free_ports
 
     args = build_parser().parse_args(argv)
-    try:
-        levels = parse_concurrency(args.concurrency)
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        server = None
-        if args.start_server:
-            grpc_port, http_port, metrics_port = free_ports(3)
-            server = LocalTriton(args.model_repository, grpc_port=grpc_port, http_port=http_port,
-                                 metrics_port=metrics_port)
-        with server or nullcontext():
-            url = server.grpc_url if server else args.url
-            metrics_url = server.metrics_url if server else args.metrics_url or f"{url.rsplit(':', 1)[0]}:8002"
-            out_dir = Path(args.out_dir)
-            t0 = time.time()
-            rows = sweep(url, metrics_url, args.model, levels, args.batch_size, out_dir,
-                         args.measurement_interval, args.stability, args.max_trials)
-        meta = {"model": args.model, "server": url + (" (started by kaem-loadtest)" if server else ""),
-                "batch size per request": str(args.batch_size), "concurrency levels": ", ".join(map(str, levels)),
-                "measurement window": f"{args.measurement_interval} ms", "perf_analyzer": PERF_WHEEL,
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d %H:%M"),
-                "duration": f"{time.time() - t0:.0f} s"}
-        csv_path, md_path = write_results(rows, out_dir, meta)
-    except (ValueError, LoadTestError, ServingError, LaunchError, MetricsError) as err:
-        print(f"kaem-loadtest: error: {err}", file=sys.stderr)
-        return 2
+    levels = parse_concurrency(args.concurrency)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    server = None
+    if args.start_server:
+        grpc_port, http_port, metrics_port = free_ports(3)
+        server = LocalTriton(args.model_repository, grpc_port=grpc_port, http_port=http_port,
+                             metrics_port=metrics_port)
+    with server or nullcontext():
+        url = server.grpc_url if server else args.url
+        metrics_url = server.metrics_url if server else args.metrics_url or f"{url.rsplit(':', 1)[0]}:8002"
+        out_dir = Path(args.out_dir)
+        t0 = time.time()
+        rows = sweep(url, metrics_url, args.model, levels, args.batch_size, out_dir,
+                     args.measurement_interval, args.stability, args.max_trials)
+    meta = {"model": args.model, "server": url + (" (started by kaem-loadtest)" if server else ""),
+            "batch size per request": str(args.batch_size), "concurrency levels": ", ".join(map(str, levels)),
+            "measurement window": f"{args.measurement_interval} ms", "perf_analyzer": PERF_WHEEL,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d %H:%M"),
+            "duration": f"{time.time() - t0:.0f} s"}
+    csv_path, md_path = write_results(rows, out_dir, meta)
     print(md_path.read_text())
     print(f"wrote {csv_path} and {md_path}")
     return 0

@@ -17,6 +17,9 @@ from collections.abc import Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from training.cli import command
+from training.errors import KaemError
+
 QUANTILES = ("0.5", "0.9", "0.99")
 _COUNTERS = {
     "nv_inference_request_success": "success",
@@ -32,7 +35,7 @@ _COUNTERS = {
 _SUMMARY = "nv_inference_request_summary_us"
 
 
-class MetricsError(RuntimeError):
+class MetricsError(KaemError):
     """The metrics endpoint cannot be read."""
 
 
@@ -198,13 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        stats = read_metrics(args.url, args.model, args.timeout)
-    except MetricsError as err:
-        print(f"kaem-metrics: error: {err}", file=sys.stderr)
-        return 2
+    stats = read_metrics(args.url, args.model, args.timeout)
     print(format_report(stats))
     return 0
 

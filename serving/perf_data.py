@@ -14,7 +14,8 @@ from pathlib import Path
 
 from export.contract import DEFAULT_MODEL_NAME, INPUT_U, ModelContract
 from export.triton_config import contract_from_config, parse_config
-from serving.client import seeds_to_u
+from serving.client import ServingError, u_for_contract
+from training.cli import command
 
 
 def perf_input_data(contract: ModelContract, n: int = 64, first_seed: int = 0, truncation: float = 1.0) -> dict:
@@ -22,7 +23,7 @@ def perf_input_data(contract: ModelContract, n: int = 64, first_seed: int = 0, t
     first_seed+n-1`` (perf_analyzer uses the entries round-robin; the shape excludes the batch)."""
     if n < 1:
         raise ValueError(f"need at least one entry, got n={n}")
-    u = seeds_to_u(range(first_seed, first_seed + n), contract, truncation)
+    u = u_for_contract(range(first_seed, first_seed + n), contract, truncation)
     # float(x) of a float32 round-trips exactly and always prints as a float ("1.0", never "1")
     return {"data": [{INPUT_U: {"content": [float(x) for x in row], "shape": [contract.u_dim]}} for row in u]}
 
@@ -43,6 +44,7 @@ def contract_from_repository(repo: str | Path, model: str) -> ModelContract:
     return contract_from_config(parse_config(config.read_text()))
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.perf_data", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -52,12 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--first-seed", type=int, default=0, help="first seed")
     p.add_argument("--out", default="perf_input.json", help="JSON file to write")
     args = p.parse_args(argv)
+    contract = contract_from_repository(args.model_repository, args.model)
     try:
-        contract = contract_from_repository(args.model_repository, args.model)
         path = write_perf_input(args.out, contract, args.n, args.first_seed)
-    except (OSError, ValueError) as err:
-        print(f"perf_data: error: {err}", file=sys.stderr)
-        return 2
+    except OSError as err:
+        raise ServingError(f"cannot write {args.out}: {err}") from err
     print(f"wrote {path}: {args.n} entries of {INPUT_U}[{contract.u_dim}]")
     return 0
 

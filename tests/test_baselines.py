@@ -16,7 +16,8 @@ import torch
 
 from training.checkpoint import load_model
 from training.config import get_preset, with_model, with_overrides
-from training.model.baselines import VAE, LatentEBM, build_model, standard_normal
+from training.model.baselines import VAE, LatentEBM, standard_normal
+from training.model.registry import build_model
 from training.sample import sample_images
 from training.train import train
 
@@ -99,7 +100,7 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess[str]:
 def test_kaem_only_tools_refuse_baselines_clearly(runs: dict[str, Path], tmp_path: Path) -> None:
     export = ["--checkpoint", str(runs["vae"]), "--model-repository", str(tmp_path / "repo")]
     plot = ["--checkpoint", str(runs["lebm"]), "--out", str(tmp_path / "p.png")]
-    for module, args in (("export.to_onnx", export), ("training.eval.plot_prior", plot)):
+    for module, args in (("export.to_onnx", export), ("training.cli.plot_prior", plot)):
         r = _cli(module, *args)
         assert r.returncode == 2, r.stderr
         assert "baseline, not a KAEM" in r.stderr and "Traceback" not in r.stderr
@@ -108,13 +109,14 @@ def test_kaem_only_tools_refuse_baselines_clearly(runs: dict[str, Path], tmp_pat
 
 
 def test_kaem_compare_trains_scores_and_reuses(tmp_path: Path) -> None:
-    from training.eval import compare, features
+    from training.cli import compare as compare_cli
+    from training.eval import features
 
     net, acc = features.train_feature_net("digits", epochs=3, progress=False)
     feat = features.save_feature_net(tmp_path / "digits.pt", net, "digits", acc, 3, 0)
     argv = ["--preset", "digits", "--steps", "4", "--n", "120", "--features", str(feat), "--out",
             str(tmp_path / "cmp"), "--no-progress"]
-    assert compare.main(argv) == 0
+    assert compare_cli.main(argv) == 0
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     for label in ("KAEM (IS)", "VAE", "latent EBM"):
         assert f"| {label} | 4 |" in table
@@ -123,19 +125,20 @@ def test_kaem_compare_trains_scores_and_reuses(tmp_path: Path) -> None:
     for r in rows:
         assert r["fd_clf"] > 0 and 0 <= r["precision_clf"] <= 1 and r["images_per_s"] > 0 and r["train_seconds"] > 0
     mtime = (tmp_path / "cmp" / "kaem" / "ckpt-0000004.pt").stat().st_mtime
-    assert compare.main(argv) == 0  # second call: checkpoints reused, not retrained
+    assert compare_cli.main(argv) == 0  # second call: checkpoints reused, not retrained
     assert (tmp_path / "cmp" / "kaem" / "ckpt-0000004.pt").stat().st_mtime == mtime
 
 
 def test_kaem_compare_at_equal_wall_clock_with_lr_sweep(tmp_path: Path) -> None:
-    from training.eval import compare, features
+    from training.cli import compare as compare_cli
+    from training.eval import features
 
     net, acc = features.train_feature_net("digits", epochs=3, progress=False)
     feat = features.save_feature_net(tmp_path / "digits.pt", net, "digits", acc, 3, 0)
     minutes = 0.05
     argv = ["--preset", "digits", "--minutes", str(minutes), "--lr-sweep", "--n", "120", "--sweep-n", "120",
             "--features", str(feat), "--out", str(tmp_path / "cmp"), "--no-progress"]
-    assert compare.main(argv) == 0
+    assert compare_cli.main(argv) == 0
     out = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     meta, rows = out["meta"], out["rows"]
     assert [r["model"] for r in rows] == ["kaem", "vae", "lebm"] and meta["minutes"] == minutes
@@ -160,16 +163,16 @@ def test_kaem_compare_at_equal_wall_clock_with_lr_sweep(tmp_path: Path) -> None:
 
     ckpt = Path(rows[0]["checkpoint"])
     mtime = ckpt.stat().st_mtime
-    assert compare.main(argv) == 0  # finished runs and sweeps are reused, not retrained
+    assert compare_cli.main(argv) == 0  # finished runs and sweeps are reused, not retrained
     assert ckpt.stat().st_mtime == mtime
 
     # Another data set reuses the chosen factors; wrong combinations are user errors, not tracebacks.
     reuse = ["--preset", "digits", "--minutes", str(minutes), "--models", "vae", "--n", "120", "--features", str(feat),
              "--out", str(tmp_path / "cmp2"), "--no-progress", "--lr-from", str(tmp_path / "cmp" / "comparison.json")]
-    assert compare.main(reuse) == 0
+    assert compare_cli.main(reuse) == 0
     row = json.loads((tmp_path / "cmp2" / "comparison.json").read_text())["rows"][0]
     assert row["lr"] == pytest.approx(preset_lr * meta["lr_factors"]["vae"])
     for bad in (["--steps", "5", "--lr-sweep"], ["--minutes", "1", "--lr-sweep", "--lr-from", "x.json"],
                 ["--minutes", "1", "--lr-from", str(tmp_path / "missing.json")], ["--minutes", "-1"]):
-        r = _cli("training.eval.compare", "--preset", "digits", *bad)
+        r = _cli("training.cli.compare", "--preset", "digits", *bad)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr

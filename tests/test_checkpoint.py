@@ -57,14 +57,14 @@ def test_truncated_file(saved: tuple[KAEM, Path], tmp_path: Path) -> None:
     _, path = saved
     bad = tmp_path / "cut.pt"
     bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="truncated or not a PyTorch file"):
         load_checkpoint(bad)
 
 
 def test_foreign_files(tmp_path: Path) -> None:
     text = tmp_path / "notes.pt"
     text.write_text("hello")
-    with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="truncated or not a PyTorch file"):
         load_checkpoint(text)
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, other)

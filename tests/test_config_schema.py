@@ -1,5 +1,6 @@
 """Config schema versions: a stored config from before ``schema_version`` existed (the shipped default of
-schema 1, committed as a fixture) still rebuilds the same model, bit for bit; newer schemas are refused."""
+schema 1, committed as a fixture) migrates to the current schema with what schema 1 meant (not today's
+defaults) and rebuilds the same model, bit for bit; incomplete current configs and newer schemas are refused."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from training.checkpoint import CheckpointError, config_of
-from training.config import SCHEMA_VERSION, KAEMConfig, get_preset
+from training.config import SCHEMA_VERSION, KAEMConfig, get_preset, migrate
+from training.errors import ConfigError
 from training.model.kaem import KAEM
 from training.sample import sample_images
 
@@ -33,12 +35,26 @@ def _params_sha256(model: KAEM) -> str:
     return h.hexdigest()
 
 
-def test_v1_config_reads_as_schema_1_with_its_old_identity() -> None:
-    assert "schema_version" not in V1
+def test_v1_config_migrates_with_its_old_identity_and_meaning() -> None:
+    assert "schema_version" not in V1 and "lr_schedule" not in V1["train"] and "baseline" not in V1
     cfg = KAEMConfig.from_dict(V1)
-    assert cfg.schema_version == 1
+    assert cfg.schema_version == SCHEMA_VERSION
     assert cfg.identity() == V1_IDENTITY  # the served contract's config_id does not move
     assert cfg.prior.kind == "univariate" and cfg.posterior.cd_samples == 0
+    # Fields the fixture lacks take what schema 1 meant, frozen in the migration, not the current defaults.
+    assert (cfg.train.lr_schedule, cfg.train.prior_lr_ratio, cfg.train.domain_update) == ("constant", 1.0, False)
+    assert (cfg.posterior.step_size, cfg.posterior.langevin_steps, cfg.posterior.n_temps) == (1e-3, 40, 5)
+    assert migrate(V1) == json.loads(cfg.to_json())  # the migrated dict is complete: it rebuilds cfg as is
+
+
+def test_a_current_config_with_a_missing_field_is_refused() -> None:
+    d = json.loads(get_preset("fmnist").to_json())
+    del d["posterior"]["n_samples"]
+    with pytest.raises(ConfigError, match=r"incomplete config: PosteriorConfig lacks \['n_samples'\]"):
+        KAEMConfig.from_dict(d)
+    del d["train"]["prior_lr_ratio"]  # ...except the one field schema 2 gained after its first configs
+    d["posterior"]["n_samples"] = 7
+    assert KAEMConfig.from_dict(d).train.prior_lr_ratio == 1.0
 
 
 def test_v1_config_rebuilds_the_same_model_bit_for_bit() -> None:
@@ -51,7 +67,7 @@ def test_v1_config_rebuilds_the_same_model_bit_for_bit() -> None:
 def test_round_trip_keeps_the_version() -> None:
     cfg = KAEMConfig.from_dict(V1)
     again = KAEMConfig.from_dict(json.loads(cfg.to_json()))
-    assert again == cfg and again.schema_version == 1
+    assert again == cfg and again.schema_version == SCHEMA_VERSION
     fresh = get_preset("fmnist")
     assert fresh.schema_version == SCHEMA_VERSION
     assert KAEMConfig.from_dict(json.loads(fresh.to_json())) == fresh
@@ -59,7 +75,7 @@ def test_round_trip_keeps_the_version() -> None:
 
 @pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, 0, "2"])
 def test_unknown_schema_versions_are_refused(version: object) -> None:
-    with pytest.raises(ValueError, match="schema_version"):
+    with pytest.raises(ConfigError, match="schema_version"):
         KAEMConfig.from_dict({**V1, "schema_version": version})
     ckpt = {"config_json": json.dumps({**V1, "schema_version": version}), "path": "x.pt"}
     with pytest.raises(CheckpointError, match="upgrade kaem-serve"):

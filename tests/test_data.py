@@ -22,6 +22,7 @@ from data_fixtures import (
     write_svhn,
 )
 
+from training.cli import prepare_data as prepare_cli
 from training.data import datasets as data
 from training.data import prepare as prepare_data
 from training.data.datasets import DataError, image_shape, load_dataset
@@ -154,7 +155,7 @@ def test_prepare_data_end_to_end_then_idempotent(tmp_path: Path, fake_bin: Path,
     monkeypatch.setattr(prepare_data.os, "geteuid", lambda: 0)
     monkeypatch.setattr(prepare_data, "MNIST_TRAIN", 24)
     root = tmp_path / "root"
-    assert prepare_data.main(["--root", str(root)]) == 0
+    assert prepare_cli.main(["--root", str(root)]) == 0
     assert (tmp_path / "updated").exists()  # the root path refreshed apt's lists once and retried
     assert torch.equal(load_dataset("fmnist", root).images[:, 0], torch.from_numpy(fm["train"]))
     assert torch.equal(load_dataset("fmnist", root, "test").images[:, 0], torch.from_numpy(fm["t10k"]))
@@ -164,7 +165,7 @@ def test_prepare_data_end_to_end_then_idempotent(tmp_path: Path, fake_bin: Path,
     assert not list(root.rglob("*.part")) and not [p for p in (root / ".cache").iterdir() if p.is_dir()]
     capsys.readouterr()
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # a second run needs no tool at all
-    assert prepare_data.main(["--root", str(root)]) == 0
+    assert prepare_cli.main(["--root", str(root)]) == 0
     assert capsys.readouterr().out.count("present") == 2
 
 
@@ -173,7 +174,7 @@ def test_prepare_data_without_root_says_sudo_apt_get_update(tmp_path: Path, fake
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     fake_tool(fake_bin, "apt-get", FAKE_APT)
     monkeypatch.setattr(prepare_data.os, "geteuid", lambda: 1000)
-    assert prepare_data.main(["--root", str(tmp_path / "root"), "--only", "fmnist"]) == 2
+    assert prepare_cli.main(["--root", str(tmp_path / "root"), "--only", "fmnist"]) == 2
     err = capsys.readouterr().err
     assert "Unable to locate package" in err and "sudo apt-get update" in err
     assert not (tmp_path / "updated").exists() and not list((tmp_path / "root").rglob("*.deb"))
@@ -184,7 +185,7 @@ def test_prepare_data_missing_tool_exits_with_message(tmp_path: Path, monkeypatc
                                                       capsys: pytest.CaptureFixture[str], only: str,
                                                       tool: str) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
-    assert prepare_data.main(["--root", str(tmp_path), "--only", only]) == 2
+    assert prepare_cli.main(["--root", str(tmp_path), "--only", only]) == 2
     assert f"'{tool}' is not installed" in capsys.readouterr().err
 
 

@@ -15,7 +15,7 @@ MODULES = {
     "pillow": "PIL", "scikit-learn": "sklearn", "onnx": "onnx", "onnxscript": "onnxscript",
     "onnxruntime": "onnxruntime", "nvidia-pytriton": "pytriton", "tritonclient": "tritonclient.grpc",
     "prometheus-client": "prometheus_client", "pytest": "pytest", "ruff": "ruff", "torchmetrics": "torchmetrics",
-    "torch-fidelity": "torch_fidelity",
+    "torch-fidelity": "torch_fidelity", "import-linter": "importlinter",
 }
 
 

@@ -17,10 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-from training.cli import UserError
+from training.cli.evaluate import main
 from training.data.datasets import DataError, load_dataset
+from training.errors import EvalError
 from training.eval import metrics
-from training.eval.evaluate import evaluate, main
+from training.eval.evaluate import evaluate
 from training.eval.features import (
     FeatureNet,
     accuracy,
@@ -30,7 +31,7 @@ from training.eval.features import (
     save_feature_net,
     train_feature_net,
 )
-from training.images import to_uint8_nhwc
+from training.model.kaem import to_uint8_nhwc
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -114,13 +115,13 @@ def test_feature_file_round_trip(digits_features: Path) -> None:
 
 
 def test_feature_file_errors(digits_features: Path, digits_checkpoint: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="feature classifier not found"):
+    with pytest.raises(EvalError, match="feature classifier not found"):
         load_feature_net(tmp_path / "nope.pt")
-    with pytest.raises(UserError, match="not a feature-classifier file"):
+    with pytest.raises(EvalError, match="not a feature-classifier file"):
         load_feature_net(digits_checkpoint)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(digits_features.read_bytes()[:500])
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(EvalError, match="cannot read"):
         load_feature_net(garbage)
     with pytest.raises(DataError, match="no class labels"):
         labelled_dataset("celeba", tmp_path, "train")
@@ -246,7 +247,7 @@ def test_kaem_eval_end_to_end(digits_checkpoint: Path, digits_features: Path, tm
 
 def test_kaem_eval_missing_features_is_user_error(digits_checkpoint: Path, tmp_path: Path) -> None:
     missing = tmp_path / "features" / "digits.pt"
-    r = subprocess.run([sys.executable, "-m", "training.eval.evaluate", "--checkpoint", str(digits_checkpoint),
+    r = subprocess.run([sys.executable, "-m", "training.cli.evaluate", "--checkpoint", str(digits_checkpoint),
                         "--n", "16", "--features", str(missing), "--out", str(tmp_path / "r.json")],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                        timeout=120)
@@ -286,6 +287,6 @@ def test_inception_weight_file_errors(case: str, tmp_path: Path) -> None:
         torch.save({k: torch.zeros(s) for k, s in metrics._SIGNATURE.items()}, path)
     expect = {"missing": "Inception weights not found", "garbage": "cannot read Inception weights",
               "unrelated": "is not the FID Inception-v3", "incomplete": "does not fit the FID Inception-v3"}[case]
-    with pytest.raises(UserError, match=expect) as err:
+    with pytest.raises(EvalError, match=expect) as err:
         metrics.load_inception(path)
     assert str(path) in str(err.value) and metrics.INCEPTION_FILE in str(err.value)

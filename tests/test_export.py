@@ -19,7 +19,7 @@ from export.triton_config import parse_config, render_config
 from training.checkpoint import load_model, save_checkpoint
 from training.config import get_preset, with_overrides
 from training.model.kaem import KAEM
-from training.sample import sample_images, seeds_to_u
+from training.sample import sample_images, u_for_model
 from training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_ort_matches_eager_for_seeds(exported, digits_ckpt: Path, batch: int) ->
     model, _ = load_model(digits_ckpt)
     seeds = list(range(1000, 1000 + batch))
     eager = sample_images(model, seeds)
-    ort_images = ort_session(report.path).run([OUTPUT_IMAGES], {INPUT_U: seeds_to_u(model, seeds)})[0]
+    ort_images = ort_session(report.path).run([OUTPUT_IMAGES], {INPUT_U: u_for_model(model, seeds)})[0]
     assert ort_images.dtype == np.uint8 and ort_images.shape == (batch, 8, 8, 1)
     assert int(np.abs(ort_images.astype(int) - eager.astype(int)).max()) <= 1  # stated tolerance: 1 grey level
     assert (ort_images == eager).mean() > 0.99
@@ -122,6 +122,12 @@ def test_script_invocation_and_user_errors(digits_ckpt: Path, tmp_path: Path) ->
     bad = subprocess.run([sys.executable, str(script), "--checkpoint", str(digits_ckpt), "--opset", "13"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--opset" in bad.stderr
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a repository path through a regular file cannot be created
+    bad = subprocess.run([sys.executable, str(script), "--checkpoint", str(digits_ckpt), "--model-repository",
+                          str(blocker / "repo")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.startswith("error: cannot install the model under") and str(blocker) in bad.stderr
 
 
 def test_fp16_export_is_its_own_model_and_within_one_grey_level(tmp_path: Path) -> None:
@@ -140,7 +146,7 @@ def test_fp16_export_is_its_own_model_and_within_one_grey_level(tmp_path: Path) 
     seeds = range(1024)
     eager = sample_images(model, seeds)
     sess = ort_session(report.path)
-    served = sess.run([OUTPUT_IMAGES], {INPUT_U: seeds_to_u(model, seeds)})[0]
+    served = sess.run([OUTPUT_IMAGES], {INPUT_U: u_for_model(model, seeds)})[0]
     diff = np.abs(served.astype(np.int16) - eager.astype(np.int16))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.05
 

@@ -14,7 +14,7 @@ from export.contract import INPUT_U, OUTPUT_IMAGES
 from export.to_onnx import contract_for, export_graph
 from export.triton_config import render_config, write_config
 from training.checkpoint import load_model
-from training.sample import sample_images, seeds_to_u
+from training.sample import sample_images, u_for_model
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
 def test_cuda_provider_matches_cpu_within_one_grey_level(exported) -> None:
     ort = _cuda_onnxruntime()
     model, path = exported
-    u = seeds_to_u(model, range(4096))
+    u = u_for_model(model, range(4096))
     cpu = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     gpu = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
     assert gpu.get_providers()[0] == "CUDAExecutionProvider"

@@ -22,7 +22,7 @@ from training.eval.health import (
 )
 from training.model.baselines import VAE
 from training.model.kaem import KAEM
-from training.sample import seeds_to_u
+from training.sample import u_for_model
 from training.train import train
 
 DIGITS = get_preset("digits")
@@ -83,7 +83,7 @@ def test_folded_layout_spreads_h_but_its_dimension_is_bounded_by_p() -> None:
 
 def test_jacobian_matches_finite_differences() -> None:
     model = KAEM(replace(DIGITS, prior=replace(DIGITS.prior, kind="mixture")), init_seed=2).double().eval()
-    u = torch.from_numpy(seeds_to_u(model, range(3))).double()
+    u = torch.from_numpy(u_for_model(model, range(3))).double()
     jac = generator_jacobian(model, u)
     its = model.prior.u_dim - model.prior.its_dim
     assert jac.shape == (3, 64, model.u_dim) and float(jac[:, :, :its].abs().max()) == 0.0  # selection: flat

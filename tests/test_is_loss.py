@@ -1,4 +1,4 @@
-"""Importance-sampling loss (spec §5.3) on the digits preset: finite gradients, a marginal
+"""Importance-sampling loss (docs/design.md §5.3) on the digits preset: finite gradients, a marginal
 likelihood that improves with training, bit-exact replay per (seed, step), and the likelihood paths."""
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def test_decoder_noise_switch_changes_only_the_likelihood_noise() -> None:
 
 
 def test_normalised_prior_path_gives_finite_gradients() -> None:
-    # contrastive = False: no CD prior term, the posterior term uses the quadrature log Z (spec §5.2).
+    # contrastive = False: no CD prior term, the posterior term uses the quadrature log Z (docs/design.md §5.2).
     model = KAEM(CFG, init_seed=5)
     post = dataclasses.replace(CFG.posterior, contrastive=False)
     out = importance_sampling_loss(model, _digits(8), step_generator(0, 0), post)

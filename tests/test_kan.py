@@ -1,4 +1,4 @@
-"""KAN univariate functions (spec §2): basis shapes and formulas, the per-edge definition of a KAN
+"""KAN univariate functions (docs/design.md §2): basis shapes and formulas, the per-edge definition of a KAN
 layer, and RBF grid refits that move the grid to the samples while keeping the function values."""
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def test_kan_layer_equals_explicit_per_edge_sum(kind: str) -> None:
                 basis = _basis_by_hand(kind, xi, G, tau, grid)
                 spline = sum(c * B for c, B in zip(layer.coef[i, o].tolist(), basis, strict=True))
                 phi = layer.w_sp[i, o].item() * spline
-                if kind != "cheby":  # Chebyshev has no base term (spec §2.1)
+                if kind != "cheby":  # Chebyshev has no base term (docs/design.md §2.1)
                     phi += layer.w_base[i, o].item() * xi / (1 + math.exp(-xi))
                 total += phi
             assert float(y[b, o]) == pytest.approx(total, rel=1e-4, abs=1e-4), (b, o)
@@ -185,7 +185,7 @@ def test_rbf_init_spline_is_tiny() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Grid refit (spec §2.3)
+# Grid refit (docs/design.md §2.3)
 
 
 def _bank(seed: int = 0) -> EnergyBank:

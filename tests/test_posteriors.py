@@ -1,4 +1,4 @@
-"""The Langevin-family estimators inside KAEM training (spec §5.4-5.5): one loss signature with IS,
+"""The Langevin-family estimators inside KAEM training (docs/design.md §5.4-5.5): one loss signature with IS,
 finite gradients, reproducible steps, a data term that improves, MALA step sizes carried through
 checkpoints bit for bit, the posterior-driven domain update, the colour presets running a few steps
 on synthetic files in the real formats, and the --posterior flag."""

@@ -1,4 +1,4 @@
-"""Energy prior (spec §3, §4, §9): Gauss-Legendre on asymmetric domains, ITS samples against the
+"""Energy prior (docs/design.md §3, §4, §9): Gauss-Legendre on asymmetric domains, ITS samples against the
 table's CDF and an independent dense numerical CDF, edge uniforms, the mixture, log-densities."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _prior(basis: str = "rbf", pi0: str = "gaussian", *, kind: str = "univariate
     f = prior.f
     with torch.no_grad():
         coef = torch.randn(f.coef.shape, generator=gen)
-        if basis == "fft":  # 1/m² decay (as at init, spec §2.2) keeps the energies resolvable by 100 nodes
+        if basis == "fft":  # 1/m² decay (as at init, docs/design.md §2.2) keeps the energies resolvable by 100 nodes
             m = torch.arange(1, G + 2, dtype=torch.float32)
             coef = coef / torch.cat([m, m]) ** 2
         f.coef.copy_(scale * coef)
@@ -437,7 +437,7 @@ def test_mixture_log_prob_integrates_to_one() -> None:
 
 @pytest.mark.parametrize("kind", ["univariate", "mixture"])
 def test_large_energies_stay_finite_in_log_space(kind: str) -> None:
-    # |f| in the hundreds: exp(f) overflows float32 above ~88.7 (spec §9); everything must stay finite and right.
+    # |f| in the hundreds: exp(f) overflows float32 above ~88.7 (design.md §9); all must stay finite, right.
     prior = _prior("rbf", "gaussian", kind=kind, P=2, Q=2, scale=1.0)
     with torch.no_grad():
         prior.f.w_base.copy_(torch.tensor([[250.0, -200.0], [180.0, 120.0]]))

@@ -1,4 +1,4 @@
-"""Resampling (spec §5.3, paper A.6.2): residual / systematic / stratified are unbiased, keep the
+"""Resampling (docs/design.md §5.3, paper A.6.2): residual / systematic / stratified are unbiased, keep the
 deterministic copies, return valid indices; the IS loss weights ω are 1/N_s after resampling, w otherwise."""
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def test_zero_weight_never_selected_at_top_uniform() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# ω in the IS loss (spec §5.3 step 6, §9 bug 3)
+# ω in the IS loss (docs/design.md §5.3 step 6, §9 bug 3)
 
 
 def _tiny(threshold: float, S: int = 16) -> tuple[KAEM, torch.Tensor, PosteriorConfig]:

@@ -1,4 +1,4 @@
-"""Posterior samplers on targets with known answers (spec §5.4-5.5): ULA and MALA on Gaussians, the
+"""Posterior samplers on targets with known answers (docs/design.md §5.4-5.5): ULA and MALA on Gaussians, the
 autoMALA step-size search and reversibility check, global swaps, and a conjugate linear-Gaussian
 latent model where log p(x) and every tempered posterior are known in closed form."""
 

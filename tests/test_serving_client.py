@@ -16,12 +16,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
-from serving_fixtures import TOY_CONTRACT, build_toy_repository, wrong_contract_config
 
 from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, ContractError
+from export.toy_model import TOY_CONTRACT, build_toy_repository, wrong_contract_config
 from export.triton_config import contract_from_config, parse_config
 from serving import client, metrics
-from serving.loadtest import parse_concurrency
+from serving.loadtest import LoadTestError, parse_concurrency
 from serving.local.ort_shim import check_input, run_merged
 from serving.perf_data import perf_input_data
 from training.uniforms import uniforms_for_seeds
@@ -35,7 +35,7 @@ CLIS = {"kaem-serve": "serving.local.launcher", "kaem-generate": "serving.client
 def test_bad_seed_ranges_exit_with_a_message(seeds, message, capsys):
     assert client.main(["--seeds", seeds, "--url", "127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kaem-generate: error:") and message in err and "Traceback" not in err
+    assert err.startswith("error:") and message in err and "Traceback" not in err
 
 
 def test_unreachable_server_is_a_clear_error(capsys):
@@ -51,12 +51,12 @@ def test_contract_mismatch_is_refused():
 
 def test_truncation_touches_only_the_its_uniforms():
     seeds = list(range(50))
-    u = client.seeds_to_u(seeds, TOY_CONTRACT, truncation=0.25)
+    u = client.u_for_contract(seeds, TOY_CONTRACT, truncation=0.25)
     raw = uniforms_for_seeds(seeds, TOY_CONTRACT.u_dim)
     s = TOY_CONTRACT.its_start
     assert s > 0 and np.array_equal(u[:, :s], raw[:, :s])
     np.testing.assert_allclose(u[:, s:], 0.5 + 0.25 * (raw[:, s:] - 0.5), atol=1e-7)
-    assert np.array_equal(client.seeds_to_u(seeds, TOY_CONTRACT), raw)
+    assert np.array_equal(client.u_for_contract(seeds, TOY_CONTRACT), raw)
 
 
 def test_client_histogram_quantiles_are_estimated_from_buckets():
@@ -137,7 +137,7 @@ def test_concurrency_specs():
     assert parse_concurrency("1:7:3") == [1, 4, 7]
     assert parse_concurrency("2,8") == [2, 8]
     for bad in ("0,1", "a", "4:1", "1:8:x1"):
-        with pytest.raises(ValueError, match="bad --concurrency"):
+        with pytest.raises(LoadTestError, match="bad --concurrency"):
             parse_concurrency(bad)
 
 

@@ -27,7 +27,7 @@ from training.checkpoint import load_model
 from training.config import get_preset
 from training.losses import POSTERIORS
 from training.model.kaem import KAEM
-from training.sample import seeds_to_u
+from training.sample import u_for_model
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "kaem_fmnist.pt"
 TINY = float(np.finfo(np.float32).tiny)
@@ -80,7 +80,7 @@ def test_decoder_far_outside_its_grid_makes_no_subnormals(shipped: KAEM) -> None
     h = _far_latents(shipped.cfg.prior.Q)
     with _FindSubnormals() as mode, torch.no_grad():
         logits = shipped.decoder(h)
-        images = shipped.generate(torch.from_numpy(seeds_to_u(shipped, range(64))))
+        images = shipped.generate(torch.from_numpy(u_for_model(shipped, range(64))))
     assert torch.isfinite(logits).all() and torch.isfinite(images).all()
     assert mode.found == {}, f"ops that produced subnormal floats: {mode.found}"
 
@@ -92,7 +92,7 @@ def test_a_training_step_makes_no_subnormals(shipped: KAEM) -> None:
     cfg = replace(cfg, posterior=replace(cfg.posterior, n_samples=64, cd_samples=64))
     model = KAEM(cfg)
     with torch.no_grad():
-        x = shipped.generate(torch.from_numpy(seeds_to_u(shipped, range(16))))
+        x = shipped.generate(torch.from_numpy(u_for_model(shipped, range(16))))
     with _FindSubnormals() as mode:
         out = POSTERIORS[cfg.posterior.kind](model, x, torch.Generator().manual_seed(0), cfg.posterior)
         out.loss.backward()
@@ -149,7 +149,7 @@ def test_onnxruntime_decoder_and_served_graph_make_no_subnormals(shipped: KAEM) 
         proto = _export(_Decoder(shipped), h, dec_path)
         assert _ort_subnormals(dec_path, proto, h.numpy()) == {}
         # the served graph on its own inputs: seeds, the ends of [0, 1] and NaN
-        u = torch.from_numpy(seeds_to_u(shipped, range(64)))
+        u = torch.from_numpy(u_for_model(shipped, range(64)))
         u[0], u[1], u[2] = 0.0, 1.0, float("nan")
         served_path = Path(tmp) / "served.onnx"
         proto = _export(ServedGenerator(shipped), u, served_path)

@@ -99,10 +99,10 @@ def test_training_improves_data_term(tmp_path: Path) -> None:
 
 
 def test_refuses_to_overwrite_run_without_resume(tmp_path: Path) -> None:
-    from training.cli import UserError
+    from training.errors import TrainingError
 
     train(_digits(5), tmp_path, torch.device("cpu"), progress=False)
-    with pytest.raises(UserError, match="--resume"):
+    with pytest.raises(TrainingError, match="--resume"):
         train(_digits(5), tmp_path, torch.device("cpu"), progress=False)
 
 
@@ -117,10 +117,10 @@ def _run(*args: str, env: dict[str, str] | None = None, timeout: int = 240) -> s
         (["training.train", "--preset", "nope"], "choose one of: fmnist, mnist, digits"),
         (["training.train", "--preset", "digits", "--steps", "-3"], "--steps must be >= 0"),
         (["training.train", "--preset", "digits", "--device", "cuda"], "no CUDA device"),
-        (["training.sample", "--checkpoint", "/nonexistent/ckpt.pt"], "checkpoint not found"),
-        (["training.sample", "--checkpoint", "/nonexistent", "--seeds", "9-2"], "bad seed range"),
-        (["training.sample", "--checkpoint", "/nonexistent", "--seeds", "x"], "bad seed range"),
-        (["training.eval.plot_prior", "--checkpoint", "/nonexistent"], "checkpoint not found"),
+        (["training.cli.sample", "--checkpoint", "/nonexistent/ckpt.pt"], "checkpoint not found"),
+        (["training.cli.sample", "--checkpoint", "/nonexistent", "--seeds", "9-2"], "bad seed range"),
+        (["training.cli.sample", "--checkpoint", "/nonexistent", "--seeds", "x"], "bad seed range"),
+        (["training.cli.plot_prior", "--checkpoint", "/nonexistent"], "checkpoint not found"),
     ],
 )
 def test_cli_user_errors(argv: list[str], expect: str) -> None:
@@ -150,7 +150,7 @@ def test_cli_train_then_sample_and_plot(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [
         "seed000000.png", "seed000001.png", "seed000002.png", "seed000003.png", "seed000010.png"]
-    r = _run("training.eval.plot_prior", "--checkpoint", str(run), "--checkpoint", str(run), "--out",
+    r = _run("training.cli.plot_prior", "--checkpoint", str(run), "--checkpoint", str(run), "--out",
              str(tmp_path / "p.png"), "--component", "1,1", "--component", "2,3")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "p.png").stat().st_size > 10_000

@@ -7,14 +7,14 @@ import dataclasses
 
 import onnx
 import pytest
-from serving_fixtures import TOY_CONTRACT, TOY_MODEL, build_toy_repository, mismatched_contract, wrong_contract_config
 from tritonclient.grpc import model_config_pb2
 
 from export import contract as C
+from export.toy_model import TOY_CONTRACT, TOY_MODEL, build_toy_repository, mismatched_contract, wrong_contract_config
 from export.triton_config import (
     DEFAULT_MAX_QUEUE_DELAY_US,
     DEFAULT_SESSION_PARAMETERS,
-    ConfigError,
+    TritonConfigError,
     check_config_against_contract,
     check_config_against_onnx,
     contract_from_config,
@@ -66,9 +66,9 @@ def test_rendering_is_deterministic():
 
 
 def test_bad_arguments_and_misspelled_fields_are_rejected():
-    with pytest.raises(ConfigError, match="max_batch_size must be >= 1"):
+    with pytest.raises(TritonConfigError, match="max_batch_size must be >= 1"):
         render_config("kaem_x", UNIVARIATE, max_batch_size=0)
-    with pytest.raises(ConfigError, match="does not parse"):
+    with pytest.raises(TritonConfigError, match="does not parse"):
         parse_config(render_config("kaem_x", UNIVARIATE).replace("max_batch_size", "max_batch_sise"))
 
 
@@ -102,13 +102,14 @@ def test_config_agrees_with_the_onnx_graph(toy_model):
 def test_mismatching_onnx_is_rejected_with_a_clear_error(toy_model):
     onnx_path = toy_model / "1" / "model.onnx"
     bigger = render_config(TOY_MODEL, mismatched_contract())
-    with pytest.raises(ConfigError, match=r"output 'images': graph shape \['batch', 12, 12, 1\].*kaem\.image_h"):
+    with pytest.raises(TritonConfigError, match=r"output 'images': graph shape \['batch', 12, 12, 1\].*kaem\.image_h"):
         check_config_against_onnx(bigger, onnx_path)
     renamed = render_config(TOY_MODEL, TOY_CONTRACT).replace('name: "mean"', 'name: "decoder_mean"')
-    with pytest.raises(ConfigError, match=r"graph outputs \['mean'\] are not in the config.*'decoder_mean' is not"):
+    with pytest.raises(TritonConfigError,
+                       match=r"graph outputs \[.mean.\] are not in the config.*.decoder_mean. is not"):
         check_config_against_onnx(renamed, onnx_path)
     other_id = render_config(TOY_MODEL, dataclasses.replace(TOY_CONTRACT, config_id="retrained"))
-    with pytest.raises(ConfigError, match="metadata kaem.config_id: ONNX has 'toy00000', config has 'retrained'"):
+    with pytest.raises(TritonConfigError, match="metadata kaem.config_id: ONNX has 'toy00000', config has 'retrained'"):
         check_config_against_onnx(other_id, onnx_path)
 
 
@@ -141,7 +142,7 @@ def test_shim_session_options_equal_the_config_parameters() -> None:
         assert opts.get_session_config_entry("session.intra_op.allow_spinning") == \
             ("1" if want["session.intra_op.allow_spinning"] == "1" else "0")
         assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    with pytest.raises(ConfigError, match="unknown onnxruntime session settings"):
+    with pytest.raises(TritonConfigError, match="unknown onnxruntime session settings"):
         render_config("kaem_x", UNIVARIATE, session={"intra_op_threads": "2"})
     with pytest.raises(ValueError, match="execution_mode"):
         session_options(as_triton_json(render_config("kaem_x", UNIVARIATE, session={"execution_mode": "2"})))

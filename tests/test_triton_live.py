@@ -7,6 +7,7 @@ One server per module (starting one takes seconds); tests that need another star
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +18,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
-from serving_fixtures import (
+from tritonclient.utils import InferenceServerException
+
+from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, ContractError
+from export.toy_model import (
     TOY_CONTRACT,
     TOY_MAX_BATCH,
     TOY_MODEL,
@@ -26,13 +30,11 @@ from serving_fixtures import (
     write_toy_model,
     wrong_contract_config,
 )
-from tritonclient.utils import InferenceServerException
-
-from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, U_EPS, ContractError
 from serving import client, loadtest, metrics
 from serving.local import launcher
 from serving.local.launcher import LaunchError, LocalTriton, check_ports, free_ports
 from serving.local.triton_env import LOCAL_TRITON_VERSION
+from training.uniforms import U_EPS
 
 pytestmark = pytest.mark.triton
 
@@ -82,7 +84,7 @@ def test_server_is_the_local_release(grpc):
 def test_images_equal_in_process_onnxruntime(server, repo):
     seeds = list(range(100, 137))  # 37 images: 3 requests of <= 16 rows, the last one partial
     images, stats = client.generate_images(server.grpc_url, TOY_MODEL, seeds, batch_size=16, concurrency=2)
-    ref = reference_images(repo / TOY_MODEL / "1" / "model.onnx", client.seeds_to_u(seeds, TOY_CONTRACT))
+    ref = reference_images(repo / TOY_MODEL / "1" / "model.onnx", client.u_for_contract(seeds, TOY_CONTRACT))
     assert images.dtype == np.uint8 and images.shape == (37, 12, 12, 1)
     assert np.array_equal(images, ref[OUTPUT_IMAGES])
     assert stats.requests == 3 and stats.images == 37 and stats.latency_quantile(0.5) > 0
@@ -90,12 +92,12 @@ def test_images_equal_in_process_onnxruntime(server, repo):
 
 
 def test_only_the_requested_output_comes_back(grpc):
-    result = _infer(grpc, client.seeds_to_u([1, 2], TOY_CONTRACT), outputs=(OUTPUT_IMAGES,))
+    result = _infer(grpc, client.u_for_contract([1, 2], TOY_CONTRACT), outputs=(OUTPUT_IMAGES,))
     assert result.as_numpy(OUTPUT_IMAGES).shape == (2, 12, 12, 1) and result.as_numpy(OUTPUT_MEAN) is None
 
 
 def test_nan_and_out_of_range_u_give_valid_images(grpc, repo):
-    u = client.seeds_to_u(range(6), TOY_CONTRACT)
+    u = client.u_for_contract(range(6), TOY_CONTRACT)
     u[0, 0], u[1, :] = np.nan, np.nan
     u[2, 1], u[3, 2], u[4, 3], u[5, D - 1] = -3.0, 7.0, np.inf, -np.inf
     result = _infer(grpc, u)
@@ -129,7 +131,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(grpc, case, 
 def test_metrics_count_requests_and_rows(server, grpc, capsys):
     before = metrics.read_settled(server.metrics_url)
     for n in (1, 5, 10):
-        _infer(grpc, client.seeds_to_u(range(n), TOY_CONTRACT))
+        _infer(grpc, client.u_for_contract(range(n), TOY_CONTRACT))
     after = metrics.read_settled(server.metrics_url)
     window = metrics.delta(after, before)[TOY_MODEL]["1"]
     assert (window["success"], window["inference_count"], window["failed"]) == (3, 16, 0)
@@ -145,7 +147,7 @@ def test_client_refuses_a_mismatched_contract(server, capsys):
         client.generate_images(server.grpc_url, WRONG, [0])
     assert client.main(["--url", server.grpc_url, "--model", WRONG, "--seeds", "0-3"]) == 2
     err = capsys.readouterr().err
-    assert "kaem-generate: error: refusing model" in err and "Traceback" not in err
+    assert "error: refusing model" in err and "Traceback" not in err
 
 
 def test_generate_cli_writes_grid_and_per_seed_pngs(server, tmp_path, capsys):
@@ -157,6 +159,24 @@ def test_generate_cli_writes_grid_and_per_seed_pngs(server, tmp_path, capsys):
     images, _ = client.generate_images(server.grpc_url, TOY_MODEL, [3, 4, 5, 6, 7, 42])
     assert np.array_equal(np.asarray(Image.open(out_dir / "seed000042.png")), images[-1, :, :, 0])
     assert Image.open(out).size[0] >= 96 * 3  # 3 columns of upscaled 12-pixel images
+
+
+def test_generate_runs_with_torch_unimportable(server, tmp_path):
+    # The client needs no torch: with a `torch` package on the path that refuses to import, kaem-generate still
+    # reads the contract, turns seeds into u and writes the same pixels the in-process client gets.
+    blocker = tmp_path / "no-torch" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text('raise ImportError("torch is not installed in this environment")\n')
+    out = tmp_path / "grid.png"
+    code = ("import sys\nfrom serving.client import main\nrc = main(sys.argv[1:])\n"
+            "assert 'torch' not in sys.modules, 'the client imported torch'\nsys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "--url", server.grpc_url, "--model", TOY_MODEL, "--seeds", "0-3",
+                        "--out", str(out), "--upscale", "1"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": f"{blocker.parent}{os.pathsep}{ROOT}"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    images, _ = client.generate_images(server.grpc_url, TOY_MODEL, [0, 1, 2, 3])
+    grid = np.asarray(Image.open(out))
+    assert np.array_equal(grid[2 : 2 + images.shape[1], 2 : 2 + images.shape[2]], images[0, :, :, 0])
 
 
 def _kaem_serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -176,7 +196,7 @@ def test_kaem_serve_says_when_the_repository_is_empty_or_unexported(tmp_path, ca
     # in-process main(): a return code instead of an exception proves there was no traceback
     (tmp_path / "empty").mkdir()
     assert launcher.main(["--model-repository", str(tmp_path / "empty")]) == 2
-    assert "kaem-serve: error: model repository" in (err := capsys.readouterr().err) and "is empty" in err
+    assert "error: model repository" in (err := capsys.readouterr().err) and "is empty" in err
     assert launcher.main(["--model-repository", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     model = build_toy_repository(tmp_path / "noonnx") / TOY_MODEL

@@ -17,7 +17,7 @@ from serving.local.launcher import LocalTriton, free_ports
 from serving.metrics import read_settled
 from training.checkpoint import load_model
 from training.config import get_preset, with_overrides
-from training.sample import sample_images, seeds_to_u
+from training.sample import sample_images, u_for_model
 from training.train import train
 
 pytestmark = pytest.mark.triton
@@ -32,7 +32,7 @@ def test_seed_gives_same_image_eager_ort_triton(tmp_path: Path, kind: str) -> No
     model, _ = load_model(ckpt)
     seeds = list(range(500, 540))  # 40 seeds: the client splits them into 16 + 16 + 8
     eager = sample_images(model, seeds, truncation=0.7)
-    ort = ort_session(report.path).run([OUTPUT_IMAGES], {INPUT_U: seeds_to_u(model, seeds, 0.7)})[0]
+    ort = ort_session(report.path).run([OUTPUT_IMAGES], {INPUT_U: u_for_model(model, seeds, 0.7)})[0]
     grpc, http, metrics = free_ports(3)
     with LocalTriton(tmp_path / "repo", grpc_port=grpc, http_port=http, metrics_port=metrics) as server:
         served, stats = generate_images(server.grpc_url, "kaem_digits", seeds, truncation=0.7, concurrency=2)

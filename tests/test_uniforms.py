@@ -11,6 +11,7 @@ from scipy import stats
 from training.uniforms import (
     GENERATOR_VERSION,
     MAX_SEED,
+    SeedError,
     mix_seed,
     parse_seeds,
     step_generator,
@@ -145,12 +146,12 @@ def test_parse_seeds_accepts(text: str, want: list[int]) -> None:
     "text", ["", "a", "5-3", "5-4", "-1", str(2**63), "0-2000000", "1,,2", "1-", "1.5", "0x10", "3,"]
 )
 def test_parse_seeds_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(SeedError):
         parse_seeds(text)
 
 
 def test_parse_seeds_error_says_what_is_allowed() -> None:
-    with pytest.raises(ValueError, match="0-63"):
+    with pytest.raises(SeedError, match="0-63"):
         parse_seeds("abc")
 
 

@@ -3,16 +3,16 @@ state that carries across steps. Atomic writes; ``weights_only=True`` loads; cle
 
 from __future__ import annotations
 
-import os
-import pickle
 import re
-import zipfile
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from training.config import KAEMConfig
+from training.errors import ConfigError, KaemError
+from training.io import atomic_write, load_torch_file
 from training.model.kaem import LatentImageModel
 
 FORMAT = "kaem-checkpoint"
@@ -20,7 +20,7 @@ FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{7,})\.pt$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(KaemError):
     """A checkpoint is missing, truncated, foreign or from a newer format."""
 
 
@@ -46,23 +46,6 @@ def save_checkpoint(path: str | Path, model: LatentImageModel, step: int,
     return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
-def atomic_write(path: str | Path, write: Any) -> Path:
-    """``write(binary file)`` into a temp file in the same folder, fsync, rename: a crash never leaves
-    half a file under ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _plain(model: torch.nn.Module) -> LatentImageModel:
     return getattr(model, "module", model)  # unwrap DistributedDataParallel
 
@@ -77,15 +60,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if latest is None:
             raise CheckpointError(f"{path} is a folder with no ckpt-*.pt files in it")
         path = latest
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
-        size = path.stat().st_size
-        first = (str(err).splitlines() or [""])[0][:160]
-        raise CheckpointError(
-            f"cannot read {path} ({size} bytes): truncated or not a PyTorch checkpoint ({err.__class__.__name__}: "
-            f"{first})"
-        ) from err
+    ckpt = load_torch_file(path, "checkpoint", CheckpointError, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a kaem checkpoint (no '{FORMAT}' format marker)")
     version = ckpt.get("format_version")
@@ -106,7 +81,7 @@ def config_of(ckpt: dict[str, Any]) -> KAEMConfig:
 
     try:
         return KAEMConfig.from_dict(json.loads(ckpt["config_json"]))
-    except (ValueError, TypeError) as err:
+    except (ConfigError, ValueError, TypeError) as err:
         raise CheckpointError(f"{ckpt.get('path')}: stored config is invalid: {err}") from err
 
 
@@ -114,7 +89,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
                kaem_only: bool = False) -> tuple[Any, dict[str, Any]]:
     """Rebuild the model from the checkpoint's own config (the only way a model is rebuilt): a KAEM,
     or a VAE / latent-EBM baseline. ``kaem_only`` refuses baselines with a clear error."""
-    from training.model.baselines import MODEL_NAMES, build_model  # deferred: it imports the loss modules
+    from training.model.registry import MODEL_NAMES, build_model  # deferred: it imports the loss modules
 
     ckpt = load_checkpoint(path, map_location)
     cfg = config_of(ckpt)
@@ -144,25 +119,7 @@ def slim_copy(src: str | Path, dst: str | Path) -> Path:
     return save_checkpoint(dst, model, int(ckpt["step"]), None, {"slim_of": Path(ckpt["path"]).name})
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
+if __name__ == "__main__":  # python -m training.checkpoint (the README's and Makefile's form)
+    from training.cli.checkpoint import main
 
-    p = argparse.ArgumentParser(prog="python -m training.checkpoint",
-                                description="Checkpoint utilities. 'slim SRC DST' keeps the model weights only.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("slim", help="write a model-only copy of SRC (file or run directory) to DST")
-    s.add_argument("src")
-    s.add_argument("dst")
-    args = p.parse_args(argv)
-    try:
-        out = slim_copy(args.src, args.dst)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Frozen dataclass configs and the per-dataset presets (spec kaem-model.md §6).
+"""Frozen dataclass configs and the per-dataset presets (docs/design.md §6).
 
 The resolved ``KAEMConfig`` is saved as JSON with every checkpoint and is the only way a model
 is rebuilt; config files are never executed.
@@ -12,9 +12,10 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from training.errors import ConfigError
 from training.uniforms import PRIOR_KINDS
 
-# Quadrature / ITS domain per reference measure (spec §3).
+# Quadrature / ITS domain per reference measure (docs/design.md §3).
 PI0_DOMAINS: dict[str, tuple[float, float]] = {
     "uniform": (-0.1, 1.1),
     "gaussian": (-1.2, 1.2),
@@ -29,8 +30,8 @@ ACTIVATIONS = ("silu", "leaky_relu", "gelu", "none")
 class PriorConfig:
     """The energy prior pi_{q,p}(z) ∝ exp(f_{q,p}(z)) pi0(z) and its quadrature."""
 
-    # Latent layout (kaem-model.md §1; docs/prior_designs.md): "univariate" = KART, u_p shared over q,
-    # h_q = Σ_p z_qp | "mixture" (spec §1.2): Q independent coordinates, each a mixture of P energies |
+    # Latent layout (docs/design.md §1; docs/prior_designs.md): "univariate" = KART, u_p shared over q,
+    # h_q = Σ_p z_qp | "mixture" (docs/design.md §1.2): Q independent coordinates, each a mixture of P energies |
     # "folded": KART with u_p read at a shifted tent fold per (q, p) | "independent": KART sums with
     # one uniform per (q, p) (a deviation from the paper: u is Q·P wide).
     kind: str = "univariate"
@@ -43,7 +44,7 @@ class PriorConfig:
     n_quad: int = 100  # Gauss-Legendre nodes
     base_act: str = "silu"
     eps: float = 1e-4  # floor inside log(pi0 + eps)
-    init_eps_scale: float = 0.1  # RBF init noise scale (ε_scale, spec §2.2)
+    init_eps_scale: float = 0.1  # RBF init noise scale (ε_scale, docs/design.md §2.2)
     knots: str = "cell"  # ITS knot convention: "cell" (recommended) | "reference"
 
     @property
@@ -68,12 +69,12 @@ class DecoderConfig:
     channels: tuple[int, ...] = ()
     layers: tuple[tuple[int, int, int], ...] = ()
     hidden_act: str = "leaky_relu"  # between transposed convs (LeakyReLU(0.2))
-    reference_linear: bool = False  # True: no nonlinearity, as in the reference code (spec §6)
+    reference_linear: bool = False  # True: no nonlinearity, as in the reference code (docs/design.md §6)
 
 
 @dataclass(frozen=True)
 class LikelihoodConfig:
-    """Gaussian likelihood log p(x|z) = -||x - sigmoid(g(h) + σ_n ε)||² / (2σ²) (spec §1.3)."""
+    """Gaussian likelihood log p(x|z) = -||x - sigmoid(g(h) + σ_n ε)||² / (2σ²) (docs/design.md §1.3)."""
 
     sigma: float = 0.1
     sigma_n: float = 0.1
@@ -85,32 +86,32 @@ TI_RULES = ("trapezoid", "reference")
 
 @dataclass(frozen=True)
 class PosteriorConfig:
-    """Posterior estimator and its settings (spec §5.2-5.5), chosen by name: ``kind``.
+    """Posterior estimator and its settings (docs/design.md §5.2-5.5), chosen by name: ``kind``.
 
     is: importance sampling with resampling; ula: unadjusted Langevin chains per image; mala: MALA
     with autoMALA-style per-chain step sizes; thermo: one ULA population per temperature with
     global swaps and the thermodynamic-integration loss."""
 
     kind: str = "is"
-    # Importance sampling (spec §5.3)
+    # Importance sampling (docs/design.md §5.3)
     n_samples: int = 100  # N_s prior proposals shared by the batch
     cd_samples: int = 0  # fresh ITS samples for the CD prior term (0: N_s, the spec's count)
     resampler: str = "residual"  # residual | systematic | stratified
     ess_threshold: float = 0.5  # resample row b when ESS_b < threshold · N_s
     decoder_noise: bool = True  # pre-activation noise σ_n ε in the loss's likelihood terms
     contrastive: bool = True  # CD prior term (True) or normalised prior with quadrature log Z
-    # Langevin (spec §5.4): ULA step η (MALA starts at the equivalent leapfrog step √(2η)), steps
+    # Langevin (docs/design.md §5.4): ULA step η (MALA starts at the equivalent leapfrog step √(2η)), steps
     # per training iteration
     step_size: float = 1e-3
     langevin_steps: int = 40
-    # MALA / autoMALA (spec §5.4)
+    # MALA / autoMALA (docs/design.md §5.4)
     eta_min: float = 1e-5
     eta_max: float = 10.0
     mala_unadjusted: int = 2
     mala_target_accept: float = 0.574
     mala_precondition: bool = True
     reversibility_tol: float = 1e-3
-    # Population annealing / thermodynamic integration (spec §5.5)
+    # Population annealing / thermodynamic integration (docs/design.md §5.5)
     n_temps: int = 5  # N_t populations at t_1..t_{N_t}
     power_start: float = 1.0  # ladder t_k = (k/N_t)^p, p cosine-scheduled from start to end
     power_end: float = 6.0
@@ -128,7 +129,7 @@ class BaselineConfig:
     """The comparison models trained by the same harness (same data, decoder, likelihood, loop).
 
     vae: Gaussian prior N(0, I) on the decoder's Q inputs, amortised Gaussian encoder, ELBO.
-    lebm: latent EBM of Pang et al. (2020), spec §5.6: π(z) ∝ exp(f(z)) π0(z) on R^Q with a deep
+    lebm: latent EBM of Pang et al. (2020), docs/design.md §5.6: π(z) ∝ exp(f(z)) π0(z) on R^Q with a deep
     KAN energy f (FFT basis, GELU), prior samples by ULA from N(0, I) using the prior gradient
     only, ULA posteriors with the ``posterior`` section's step size and steps, and the loss
     −(Ê_post[log π̃ + ℓ] − Ê_prior-ULA[log π̃])."""
@@ -160,20 +161,20 @@ class TrainConfig:
     lr: float = 1e-3
     # Learning-rate schedule over the planned steps: "constant" (schema 1) | "cosine": every group's lr
     # follows lr·(r + (1 − r)·½(1 + cos(π·step/steps))) down to r = lr_final_ratio (the new reference
-    # snapshot decays its lr ×0.1 in steps, spec §5.7).
+    # snapshot decays its lr ×0.1 in steps, docs/design.md §5.7).
     lr_schedule: str = "constant"
     lr_final_ratio: float = 0.1
     # KAEM: the prior's energies train at lr × prior_lr_ratio, the decoder at lr (1.0 = one rate, schema 1).
-    # The author's newer configs train the prior 5× slower than the decoder (2e-5 vs 1e-4, spec §10).
+    # The author's newer configs train the prior 5× slower than the decoder (2e-5 vs 1e-4, docs/design.md §10).
     prior_lr_ratio: float = 1.0
     optimizer: str = "adam"
     grad_clip: float = 0.0  # 0 = off
-    grid_update_every: int = 100  # RBF grid refit interval in steps (spec §2.3); 0 = off
+    grid_update_every: int = 100  # RBF grid refit interval in steps (docs/design.md §2.3); 0 = off
     grid_update_growth: float = 1.0  # factor (2 - decay) by which the interval grows per update
     grid_update_until: int = 2000  # stop refitting after this step (grids settle early)
     grid_samples: int = 1000  # prior samples used per refit
     # Langevin/annealed training only: on the grid schedule, reset the quadrature domain to the
-    # posterior samples' range widened by 10% (spec §2.3 with the §9 bug-2 fix).
+    # posterior samples' range widened by 10% (docs/design.md §2.3 with the §9 bug-2 fix).
     domain_update: bool = False
     checkpoint_every: int = 1000
     log_every: int = 50
@@ -183,9 +184,10 @@ class TrainConfig:
 
 # Version of the stored config layout. 1: configs written before the field existed (read as 1). 2: adds
 # schema_version itself, the prior kinds "folded" and "independent", posterior.cd_samples and
-# train.lr_schedule, lr_final_ratio and prior_lr_ratio. Every field added after 1 defaults to the
-# behaviour of 1, so a stored config always rebuilds the same model (tests/fixtures/config_v1_fmnist.json
-# is checked bit for bit).
+# train.lr_schedule, lr_final_ratio and prior_lr_ratio. A stored config of an older schema is migrated on
+# reading (:func:`migrate`) by filling what that schema meant, frozen below: never today's defaults, which may
+# change. A new field therefore needs a new schema version and its migration; a current-schema config with a
+# field missing is refused (tests/fixtures/config_v1_fmnist.json rebuilds the same model bit for bit).
 SCHEMA_VERSION = 2
 
 
@@ -216,12 +218,9 @@ class KAEMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KAEMConfig:
-        """Rebuild a stored config; one without ``schema_version`` is version 1, a newer one is refused."""
-        version = d.get("schema_version", 1)
-        if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
-            raise ValueError(f"config schema_version {version!r} is not one this software reads (1..{SCHEMA_VERSION}):"
-                             " upgrade kaem-serve")
-        return _from_dict(cls, {**d, "schema_version": version})
+        """Rebuild a stored config, migrated to the current schema (one without ``schema_version`` is version 1;
+        a newer one is refused)."""
+        return _from_dict(cls, migrate(d))
 
     def validate(self) -> None:
         p, dc = self.prior, self.decoder
@@ -257,17 +256,75 @@ class KAEMConfig:
         _check(0 < self.train.prior_lr_ratio <= 10, "train.prior_lr_ratio must be in (0, 10]")
 
 
+# What a schema-1 config meant where a stored dict lacks a field: the defaults of the code that wrote schema 1
+# (commit c71c72e). Frozen; never edit.
+_SCHEMA_1_MEANING: dict[str, Any] = {
+    "model": "kaem",
+    "prior": {"kind": "univariate", "P": 20, "Q": 41, "basis": "rbf", "grid_size": 20, "pi0": "gaussian",
+              "ebm_domain": [-1.2, 1.2], "n_quad": 100, "base_act": "silu", "eps": 1e-4, "init_eps_scale": 0.1,
+              "knots": "cell"},
+    "decoder": {"kind": "kan", "image_shape": [1, 28, 28], "hidden": [82], "basis": "rbf", "grid_size": 20,
+                "grid_range": [-1.2, 1.2], "base_act": "silu", "channels": [], "layers": [],
+                "hidden_act": "leaky_relu", "reference_linear": False},
+    "likelihood": {"sigma": 0.1, "sigma_n": 0.1},
+    "posterior": {"kind": "is", "n_samples": 100, "resampler": "residual", "ess_threshold": 0.5,
+                  "decoder_noise": True, "contrastive": True, "step_size": 1e-3, "langevin_steps": 40,
+                  "eta_min": 1e-5, "eta_max": 10.0, "mala_unadjusted": 2, "mala_target_accept": 0.574,
+                  "mala_precondition": True, "reversibility_tol": 1e-3, "n_temps": 5, "power_start": 1.0,
+                  "power_end": 6.0, "power_cycles": 0, "ti_rule": "trapezoid", "swap_every": 1},
+    "train": {"dataset": "fmnist", "batch_size": 100, "steps": 5000, "lr": 1e-3, "optimizer": "adam",
+              "grad_clip": 0.0, "grid_update_every": 100, "grid_update_growth": 1.0, "grid_update_until": 2000,
+              "grid_samples": 1000, "domain_update": False, "checkpoint_every": 1000, "log_every": 50,
+              "sample_every": 0, "seed": 0},
+    "baseline": {"encoder_hidden": 400, "encoder_channels": [64, 128, 256], "energy_hidden": [200, 200],
+                 "energy_basis": "fft", "energy_grid": 10, "energy_act": "gelu", "energy_pi0": "gaussian",
+                 "energy_lr": 2e-5, "prior_steps": 60, "prior_step_size": 0.16},
+}
+_SCHEMA_2_ADDED: dict[str, Any] = {
+    "posterior": {"cd_samples": 0},
+    "train": {"lr_schedule": "constant", "lr_final_ratio": 0.1, "prior_lr_ratio": 1.0},
+}
+# train.prior_lr_ratio joined schema 2 after its first configs were written (47b8784): those mean 1.0.
+_SCHEMA_2_LATE: dict[str, Any] = {"train": {"prior_lr_ratio": 1.0}}
+
+
+def _fill(d: dict[str, Any], meaning: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with every key of ``meaning`` it lacks (one level into the sections); present values win."""
+    out = dict(d)
+    for k, v in meaning.items():
+        if isinstance(v, dict):
+            section = out.get(k, {})
+            out[k] = {**v, **section} if isinstance(section, dict) else section
+        else:
+            out.setdefault(k, v)
+    return out
+
+
+def migrate(d: dict[str, Any]) -> dict[str, Any]:
+    """A stored config dict of any readable schema, as a complete dict of the current one (see SCHEMA_VERSION)."""
+    version = d.get("schema_version", 1)
+    if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
+        raise ConfigError(f"config schema_version {version!r} is not one this software reads (1..{SCHEMA_VERSION}):"
+                          " upgrade kaem-serve")
+    if version == 1:
+        d = _fill(_fill(d, _SCHEMA_1_MEANING), _SCHEMA_2_ADDED)
+    return {**_fill(d, _SCHEMA_2_LATE), "schema_version": SCHEMA_VERSION}
+
+
 def _check(ok: bool, msg: str) -> None:
     if not ok:
-        raise ValueError(f"invalid config: {msg}")
+        raise ConfigError(f"invalid config: {msg}")
 
 
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:
-    """Rebuild nested frozen dataclasses from JSON, turning lists back into tuples; unknown keys fail."""
+    """Rebuild nested frozen dataclasses from a complete JSON dict, lists back into tuples; unknown or missing keys
+    fail."""
     names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(names)
+    unknown, missing = set(d) - set(names), set(names) - set(d)
     if unknown:
-        raise ValueError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
+        raise ConfigError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
+    if missing:
+        raise ConfigError(f"incomplete config: {cls.__name__} lacks {sorted(missing)}")
     kw = {}
     for k, v in d.items():
         sub = _NESTED.get((cls.__name__, k))
@@ -290,7 +347,7 @@ _NESTED = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Presets (spec §6). Colour presets use the mixture prior, FFT basis, pi0 = ebm, conv decoders with
+# Presets (docs/design.md §6). Colour presets use the mixture prior, FFT basis, pi0 = ebm, conv decoders with
 # the new snapshot's channel widths and ULA posteriors with its η = 0.001, 40 steps.
 # Deliberate deviations: Adam at the new snapshot's learning rates (not Nesterov with step decay);
 # batch 50 as in the new snapshot.
@@ -311,7 +368,7 @@ _COLOUR_POSTERIOR = PosteriorConfig(kind="ula", step_size=1e-3, langevin_steps=4
 
 
 def _colour_train(dataset: str, lr: float) -> TrainConfig:
-    # "Grid update: domain only" (spec §6): FFT energies have no grid, so every 100 steps the
+    # "Grid update: domain only" (docs/design.md §6): FFT energies have no grid, so every 100 steps the
     # quadrature domain follows the posterior samples for the whole run.
     return TrainConfig(dataset=dataset, batch_size=50, steps=8000, lr=lr, grid_update_every=100,
                        grid_update_until=8000, domain_update=True)
@@ -320,14 +377,14 @@ def _colour_train(dataset: str, lr: float) -> TrainConfig:
 # Fashion-MNIST / MNIST: the latent design chosen by measurement (docs/prior_designs.md, design g). The
 # paper's KART layout trained by IS collapses to one effective direction (u_p shared over q, and "best of
 # N_s shared proposals" gives only the direction that picks the best proposal any signal): here every
-# latent coordinate is its own mixture of P energies (spec §1.2, 2Q uniforms) and the posterior is
+# latent coordinate is its own mixture of P energies (docs/design.md §1.2, 2Q uniforms) and the posterior is
 # resample-move: each image's chain starts at one of N_s = 3,000 shared proposals drawn by importance
 # weight, then 5 ULA moves in the prior's noise space (losses.is_ula_loss). η = 5e-5: on this σ = 0.1
 # likelihood 1e-4 and 2e-4 gave more generator dimensions but worse FD-clf after 5 minutes (212-259 vs
 # 199), 3e-4 in z overshoots (the data term falls from -1,228 to -2,336 in 5 moves). At one learning rate
 # for everything the prior kept sharpening after step ~4,500 and took the data term and the generator
 # dimension down with it (FD-clf 151 at step 5,000 → 149 at 7,000, generator dimension 5.6 → 4.4); the
-# prior at 1/5 of the decoder's rate (the author's ratio, spec §10) and a cosine decay to 0.1 gave FD-clf
+# prior at 1/5 of the decoder's rate (the author's ratio, docs/design.md §10) and a cosine decay to 0.1 gave FD-clf
 # 125.5 in the same 30 minutes. With the faster step, 3,000 proposals beat 1,000 at equal time (10 minutes:
 # FD-clf 126.6 vs 132.2; 10 ULA moves instead of 5: 147.7; docs/prior_designs.md). 8,000 steps of batch 100
 # take about 28 min on 2 cores. The Langevin
@@ -359,7 +416,7 @@ PRESETS: dict[str, KAEMConfig] = {
     ),
     "svhn": KAEMConfig(
         preset="svhn", prior=_COLOUR_PRIOR, likelihood=_COLOUR_LIK, posterior=_COLOUR_POSTERIOR,
-        baseline=BaselineConfig(prior_step_size=0.1),  # the latent-EBM prior step for SVHN (spec §5.6)
+        baseline=BaselineConfig(prior_step_size=0.1),  # the latent-EBM prior step for SVHN (docs/design.md §5.6)
         decoder=_conv((256, 128, 64), ((4, 1, 0), (4, 2, 1), (4, 2, 1), (4, 2, 1)), 32),
         train=_colour_train("svhn", 4e-4),
     ),
@@ -379,7 +436,7 @@ PRESETS: dict[str, KAEMConfig] = {
 
 def get_preset(name: str) -> KAEMConfig:
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -398,11 +455,12 @@ def with_settings(cfg: KAEMConfig, settings: list[str]) -> KAEMConfig:
         key, sep, raw = item.partition("=")
         section, _, name = key.strip().partition(".")
         if not sep or section not in _SECTIONS or not name:
-            raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of {', '.join(_SECTIONS)}")
+            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of "
+                              f"{', '.join(_SECTIONS)}")
         sub = getattr(cfg, section)
         if name not in {f.name for f in dataclasses.fields(sub)}:
             names = ", ".join(f.name for f in dataclasses.fields(sub))
-            raise ValueError(f"--set {item!r}: {section} has no field {name!r}; it has {names}")
+            raise ConfigError(f"--set {item!r}: {section} has no field {name!r}; it has {names}")
         value = _parse_like(getattr(sub, name), raw.strip(), item)
         cfg = replace(cfg, **{section: replace(sub, **{name: value})})
     return cfg
@@ -422,7 +480,7 @@ def _parse_like(current: Any, raw: str, item: str) -> Any:
             return _tupleize(json.loads(raw))
         return raw
     except (ValueError, json.JSONDecodeError) as err:
-        raise ValueError(f"--set {item!r}: {raw!r} is not a {type(current).__name__} ({err})") from err
+        raise ConfigError(f"--set {item!r}: {raw!r} is not a {type(current).__name__} ({err})") from err
 
 
 def with_overrides(cfg: KAEMConfig, **train_overrides: Any) -> KAEMConfig:

@@ -1,26 +1,18 @@
-"""Image conversion and PNG writing shared by eager sampling and the serving client.
-
-Images travel as uint8 arrays ``[N, H, W, C]`` (C = 1 or 3), exactly what the served graph returns.
+"""Image grids and PNG writing shared by eager sampling and the serving client (torch-free: the client installs
+without torch). Images travel as uint8 arrays ``[N, H, W, C]`` (C = 1 or 3), exactly what the served graph
+returns; the decoder mean becomes those pixels in :func:`training.model.kaem.to_uint8_nhwc`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-
-def to_uint8_nhwc(mean: torch.Tensor) -> torch.Tensor:
-    """Decoder mean ``[N, C, H, W]`` in [0, 1] to uint8 ``[N, H, W, C]`` (round half up, clamped).
-
-    The exported graph uses this very function, so eager and served pixels agree bit for bit."""
-    scaled = torch.clamp(mean, 0.0, 1.0) * 255.0 + 0.5
-    return torch.floor(scaled).to(torch.uint8).permute(0, 2, 3, 1)
+from training.io import atomic_write
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -42,9 +34,7 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     """Write atomically (temp file + rename) so a crash never leaves a truncated PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: img.save(fh, format="PNG"))
 
 
 def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, upscale: int = 1) -> Path:

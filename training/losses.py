@@ -1,4 +1,4 @@
-"""Posterior estimators as losses with one shared signature (spec §5.2), chosen by name:
+"""Posterior estimators as losses with one shared signature (docs/design.md §5.2), chosen by name:
 
     loss_fn(model, x, gen, cfg, ctx) -> LossOutput
 
@@ -43,7 +43,7 @@ class LossOutput:
 
 def importance_sampling_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
                              ctx: StepContext | None = None) -> LossOutput:
-    """IS maximum likelihood with residual resampling (spec §5.3):
+    """IS maximum likelihood with residual resampling (docs/design.md §5.3):
     L = −[ Σ_s ω_{b,s}(log π̃(z_idx) + ℓ_{b,idx}) averaged over b − Ê_prior log π̃(z') ].
 
     The B×N_s likelihoods that set the weights are computed forward only; the loss is then built from
@@ -186,7 +186,7 @@ def _resample(ell: Tensor, gen: torch.Generator, cfg: PosteriorConfig) -> tuple[
     keep = torch.arange(S, device=ell.device).expand(B, S)
     idx = torch.where(resample, RESAMPLERS[cfg.resampler](w, v), keep)
     # Paper's rule: ω = 1/N_s after resampling, ω = w otherwise. (The reference applies a softmax
-    # to the probabilities instead; spec §9 bug 3.)
+    # to the probabilities instead; docs/design.md §9 bug 3.)
     omega = torch.where(resample, torch.full_like(w, 1.0 / S), w)
     return idx, omega, ess, resample
 
@@ -207,7 +207,7 @@ def _is_stats(model: KAEM, x: Tensor, loss: Tensor, ell: Tensor, ell_post: Tenso
         }
 
 
-# ---- Langevin-family estimators (spec §5.4-5.5) ------------------------------------------------
+# ---- Langevin-family estimators (docs/design.md §5.4-5.5) ------------------------------------------------
 
 
 def _prior_draws(model: KAEM, n: int, gen: torch.Generator, device: torch.device, cdf: Tensor) -> Tensor:
@@ -227,7 +227,7 @@ def _log_prior_fn(model: KAEM, log_z: Tensor | None) -> samplers.LogTarget:
 
 
 def _log_lik_fn(model: KAEM, x: Tensor, decode: Callable[[Tensor], Tensor] | None = None) -> samplers.LogTarget:
-    """ℓ(x_b | z_b) without decoder noise (the Langevin gradient uses none, spec §5.4), through the step's
+    """ℓ(x_b | z_b) without decoder noise (the Langevin gradient uses none, docs/design.md §5.4), through the step's
     frozen decoder (chains need gradients in z only)."""
     decode = decode or model.frozen_decode()
     return lambda z: model.log_likelihood_paired(x, decode(z))
@@ -241,7 +241,7 @@ def noisy_loglik(model: LatentImageModel, x: Tensor, z: Tensor, gen: torch.Gener
 
 def _posterior_loss(model: KAEM, x: Tensor, z_post: Tensor, z_prior: Tensor, ell: Tensor, cfg: PosteriorConfig,
                     log_z: Tensor | None, data_term: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-    """L = −[Ê_post(log π̃(z) + ℓ(x|z)) − Ê_prior(log π̃(z'))] on detached chain states (spec §5.2),
+    """L = −[Ê_post(log π̃(z) + ℓ(x|z)) − Ê_prior(log π̃(z'))] on detached chain states (docs/design.md §5.2),
     with ell[B] = ℓ(x_b | z_b) and the step's log Z (:func:`_prior_tables`). ``data_term`` replaces
     Ê_post ℓ (the thermodynamic integral)."""
     prior = model.prior
@@ -282,7 +282,7 @@ def ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
 
 def is_ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
                 ctx: StepContext | None = None) -> LossOutput:
-    """Resample-move in the prior's noise space (IS, then Langevin; spec §5.3 + §5.4).
+    """Resample-move in the prior's noise space (IS, then Langevin; docs/design.md §5.3 + §5.4).
 
     Every prior draw is z = F⁻¹(u) with u = Φ(ε), ε ~ N(0, I): in ε the prior is exactly N(0, I) and
     the posterior is p(ε | x) ∝ N(ε; 0, I)·p(x | z(ε)). Each image draws its chain start from the N_s
@@ -368,7 +368,7 @@ def mala_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig
 
 def thermo_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
                 ctx: StepContext | None = None) -> LossOutput:
-    """Population annealing with global swaps and the thermodynamic-integration loss (spec §5.5):
+    """Population annealing with global swaps and the thermodynamic-integration loss (docs/design.md §5.5):
     L = −(TI + Ê_{t=1}[log π̃(z)] − Ê_prior[log π̃(z')]), TI over ℓ means at t_0 = 0 (prior
     samples) .. t_{N_t} = 1, each with fresh decoder noise."""
     ctx = ctx or StepContext()
@@ -380,7 +380,7 @@ def thermo_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
     z_prior = _prior_draws(model, B, gen, dev, cdf)
     xk = x.repeat(K, *([1] * (x.dim() - 1)))  # chain k·B + b sees image b
 
-    def swap_lik(z: Tensor) -> Tensor:  # likelihoods for the swap test carry decoder noise (spec §5.5)
+    def swap_lik(z: Tensor) -> Tensor:  # likelihoods for the swap test carry decoder noise (docs/design.md §5.5)
         return noisy_loglik(model, xk, z, gen, cfg)
 
     with record_function("kaem.langevin"):

@@ -8,7 +8,6 @@ uninterrupted run bit for bit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -21,35 +20,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from training.checkpoint import (
-    CheckpointError,
     checkpoint_name,
     config_of,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from training.cli import HelpFormatter, UserError, resolve_device, user_errors
 from training.config import (
-    MODELS,
-    PI0_KINDS,
-    POSTERIOR_KINDS,
-    PRESETS,
-    PRIOR_KINDS,
     KAEMConfig,
     TrainConfig,
-    get_preset,
-    with_model,
-    with_overrides,
-    with_settings,
 )
+from training.data.datasets import fetch
+from training.errors import ConfigError, TrainingError
 from training.eval.health import LatentHealth, latent_health
 from training.losses import CHAINS_IN_Z, StepContext
-from training.model.baselines import MODEL_NAMES, build_model, loss_fn_for
 from training.model.kaem import KAEM, LatentImageModel
+from training.model.registry import build_model, loss_fn_for
 from training.runtime import keep_freed_memory
 from training.uniforms import step_generator
 
@@ -83,7 +73,7 @@ class StepBatches:
         self.batch_size = batch_size
         self.per_epoch = len(self.sampler) // batch_size
         if self.per_epoch < 1:
-            raise UserError(f"dataset of {n} images is smaller than one batch of {batch_size} per rank")
+            raise TrainingError(f"dataset of {n} images is smaller than one batch of {batch_size} per rank")
         self._epoch, self._order = -1, []
 
     def __call__(self, step: int) -> list[int]:
@@ -92,12 +82,6 @@ class StepBatches:
             self.sampler.set_epoch(epoch)
             self._epoch, self._order = epoch, list(iter(self.sampler))
         return self._order[offset * self.batch_size : (offset + 1) * self.batch_size]
-
-
-def fetch(dataset: Dataset, idx: list[int], device: torch.device) -> Tensor:
-    getitems = getattr(dataset, "__getitems__", None)
-    x = getitems(idx) if getitems is not None else torch.stack([dataset[i] for i in idx])
-    return x.to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -115,7 +99,7 @@ def refit_grids(model: LatentImageModel, seed: int, step: int, n: int, device: t
 
 @torch.no_grad()
 def refit_from_posterior(model: LatentImageModel, z: Tensor, domain_update: bool) -> tuple[float, float] | None:
-    """The Langevin rule of spec §2.3: refit RBF grids to posterior samples z (all ranks' chains)
+    """The Langevin rule of docs/design.md §2.3: refit RBF grids to posterior samples z (all ranks' chains)
     and, with ``domain_update``, reset the quadrature domain to their range widened by 10% on
     each side: [min − 0.1|min|, max + 0.1|max|] (the reference's (0.9 min, 1.1 max) shrinks a
     negative bound, §9 bug 2); nodes, weights and knots are rebuilt. Returns the new domain."""
@@ -127,7 +111,7 @@ def refit_from_posterior(model: LatentImageModel, z: Tensor, domain_update: bool
         lo, hi = float(z.min()), float(z.max())
         domain = (lo - 0.1 * abs(lo), hi + 0.1 * abs(hi))
         if not (math.isfinite(lo) and math.isfinite(hi) and domain[0] < domain[1]):
-            raise FloatingPointError(f"posterior samples span [{lo}, {hi}]: cannot set a quadrature domain")
+            raise TrainingError(f"posterior samples span [{lo}, {hi}]: cannot set a quadrature domain")
         model.prior.set_domain(*domain)
     model.prior.refit_grid(z)
     model.decoder.refit_grid(model.prior.latent(z))
@@ -209,7 +193,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
     run_dir.mkdir(parents=True, exist_ok=True)
     latest = latest_checkpoint(run_dir)
     if latest is not None and not resume:
-        raise UserError(f"{run_dir} already holds checkpoints ({latest.name}): pass --resume to continue it "
+        raise TrainingError(f"{run_dir} already holds checkpoints ({latest.name}): pass --resume to continue it "
                         "or choose another --out")
 
     # ---- Model, optimiser, and (on --resume) every piece of state that carries across steps ----
@@ -233,7 +217,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
     if len(carry) < len(train_state["carry"]) and is_main:
         print("resume: sampler state was saved with another number of ranks; it starts afresh", file=sys.stderr)
     if tc.optimizer != "adam":
-        raise UserError(f"optimizer {tc.optimizer!r} is not available; use adam")
+        raise ConfigError(f"optimizer {tc.optimizer!r} is not available; use adam")
     opt = model.optimizer(tc.lr)
     base_lrs = [g["lr"] for g in opt.param_groups]
     start = 0
@@ -295,7 +279,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
             opt.step()
             completed = step + 1
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at step {step}: lower --lr or check the data")
+                raise TrainingError(f"loss became {float(loss)} at step {step}: lower --lr or check the data")
             if new_carry:
                 train_state["carry"] = {k: gather_ranks(v, world).cpu() for k, v in new_carry.items()}
                 carry = {k: v.detach() for k, v in new_carry.items()}
@@ -353,97 +337,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
     return final if final is not None else run_dir / checkpoint_name(completed)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kaem-train",
-        description="Train a KAEM (energy prior + decoder) by maximum likelihood with the chosen posterior "
-        "estimator (--posterior), or one of the baselines (--model vae|lebm) with the same data, decoder and loop. "
-        "Writes config.json, stats.jsonl, ckpt-XXXXXXX.pt and samples.png into the run directory. "
-        "Multi-process: torchrun --nproc_per_node=N -m training.train ...",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("--preset", default="fmnist", help=f"configuration preset: {', '.join(PRESETS)}")
-    p.add_argument("--steps", type=int, default=None, help="number of updates (default: the preset's)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step per rank (default: preset's)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
-    p.add_argument("--model", choices=MODELS, default=None,
-                   help="kaem (default), vae (Gaussian prior, amortised encoder, ELBO) or lebm (latent EBM of Pang "
-                   "et al. 2020 with a 60-step Langevin prior sampler; its posterior uses the preset's Langevin "
-                   "settings)")
-    p.add_argument("--pi0", choices=PI0_KINDS, default=None,
-                   help="KAEM's reference measure π₀ (spec §3; sets its quadrature domain); default: the preset's")
-    p.add_argument("--prior", choices=PRIOR_KINDS, default=None,
-                   help="KAEM's latent layout (docs/prior_designs.md): univariate (the paper's KART, u_p shared "
-                   "over q), mixture (Q independent coordinates, each a mixture of P energies), folded (KART "
-                   "with a shifted tent fold of u_p per (q, p)), independent (KART sums of Q·P independent "
-                   "draws; a deviation from the paper); default: the preset's")
-    p.add_argument("--posterior", choices=POSTERIOR_KINDS, default=None,
-                   help="posterior estimator: is (importance sampling), is_ula (IS chain starts + ULA moves in "
-                   "the prior's noise space; the fmnist/mnist default), ula (Langevin), mala (MALA with "
-                   "autoMALA step sizes), thermo (population annealing + thermodynamic integration); "
-                   "default: the preset's. Langevin settings come from the preset")
-    p.add_argument("--seed", type=int, default=None, help="seed for init, data order and noise (default: 0)")
-    p.add_argument("--data-root", default=None, help="dataset folder (default: the project's data/ folder "
-                   "that `make setup` fills; SVHN/CIFAR-10/CelebA need your own copy)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>, runs/<preset>-<model> for "
-                   "baselines)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="wall-time budget: stop after this many minutes, checkpoint and write samples as usual "
-                   "(schedules still assume --steps)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override any config field, e.g. --set posterior.n_samples=1000 --set posterior.step_size=1e-3 "
-                   "(repeatable; applied after the other flags; --dry-run shows the result)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--samples", type=int, default=64, help="images in the final samples.png (0: none)")
-    return p
+if __name__ == "__main__":  # python -m training.train (the README's and Makefile's form)
+    from training.cli.train import main
 
-
-@user_errors(KeyError, ValueError, CheckpointError)
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.steps is not None and args.steps < 0:
-        raise UserError("--steps must be >= 0")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        raise UserError("--max-minutes must be > 0")
-    cfg = with_overrides(get_preset(args.preset), steps=args.steps, seed=args.seed, lr=args.lr,
-                         batch_size=args.batch_size)
-    if args.posterior is not None:
-        cfg = replace(cfg, posterior=replace(cfg.posterior, kind=args.posterior))
-    if args.pi0 is not None:
-        cfg = replace(cfg, prior=replace(cfg.prior, pi0=args.pi0))
-    if args.prior is not None:
-        cfg = replace(cfg, prior=replace(cfg.prior, kind=args.prior))
-    cfg = with_settings(with_model(cfg, args.model), args.set)
-    if cfg.model != "kaem" and args.posterior is not None:
-        raise UserError(f"--posterior applies to KAEM only; the {MODEL_NAMES[cfg.model]} has its own objective")
-    cfg.validate()
-    if args.dry_run:
-        print(cfg.to_json())
-        return 0
-    from training.data.datasets import DataError
-
-    run_dir = Path(args.out or (f"runs/{cfg.preset}" if cfg.model == "kaem" else f"runs/{cfg.preset}-{cfg.model}"))
-    device = resolve_device(args.device)
-    t0 = time.perf_counter()
-    try:
-        final = train(cfg, run_dir, device, args.data_root, args.resume, progress=not args.no_progress,
-                      max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes)
-    except DataError as err:
-        raise UserError(str(err)) from err
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained {run_dir} in {time.perf_counter() - t0:.0f} s -> {final}")
-        if args.samples > 0:
-            from training.sample import write_samples
-
-            grid = write_samples(final, range(args.samples), run_dir / "samples.png")
-            print(f"samples: {grid}")
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from training.errors import KaemError
+
 if TYPE_CHECKING:
     import torch
 
@@ -116,22 +118,29 @@ def seeds_to_u(seeds: Sequence[int], dim: int, its_start: int, truncation: float
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
+# Before inversion NaN in u becomes 0.5 and u is clamped into [U_EPS, 1 - U_EPS] (eager and in the graph: §9).
+U_EPS = 1e-6
+
+class SeedError(KaemError):
+    """A seed list that cannot be parsed or is out of range."""
+
+
 def parse_seeds(text: str) -> list[int]:
     """Parse ``"0-63"``, ``"7"`` or ``"0-9,100,200-203"`` into a list of seeds (inclusive ranges)."""
     seeds: list[int] = []
     for part in str(text).split(","):
         m = _RANGE.match(part)
         if not m:
-            raise ValueError(
+            raise SeedError(
                 f"bad seed range {text!r}: use non-negative integers like '0-63', '7' or '0-9,100'"
             )
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
-            raise ValueError(f"bad seed range {part.strip()!r}: the end is smaller than the start")
+            raise SeedError(f"bad seed range {part.strip()!r}: the end is smaller than the start")
         if hi > MAX_SEED:
-            raise ValueError(f"seed {hi} is too large: seeds must be below 2**63")
+            raise SeedError(f"seed {hi} is too large: seeds must be below 2**63")
         if len(seeds) + (hi - lo + 1) > MAX_SEEDS_PER_CALL:
-            raise ValueError(f"too many seeds: at most {MAX_SEEDS_PER_CALL} per call")
+            raise SeedError(f"too many seeds: at most {MAX_SEEDS_PER_CALL} per call")
         seeds.extend(range(lo, hi + 1))
     return seeds

@@ -20,15 +20,17 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from export.triton_config import DEFAULT_MODEL_FILENAME, ConfigError, parse_config
+from export.triton_config import DEFAULT_MODEL_FILENAME, TritonConfigError, parse_config, version_dirs
 from serving.local.triton_env import TritonNotInstalled, build_backend_dir, cache_dir, server_env, triton_install
+from training.cli import command
+from training.errors import KaemError
 
 SUMMARY_METRICS_ARGS = ("--metrics-config=summary_latencies=true",
                         "--metrics-config=summary_quantiles=0.5:0.05,0.9:0.01,0.99:0.001")
 _ERROR_LINE = re.compile(r"^E\d{4} |UNAVAILABLE|failed to load|error:|Error:", re.IGNORECASE)
 
 
-class LaunchError(RuntimeError):
+class LaunchError(KaemError):
     """The server cannot start or did not become ready; the message says why."""
 
 
@@ -63,7 +65,7 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
 
 
 def _served_versions(model_dir: Path, policy) -> list[Path]:
-    versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    versions = version_dirs(model_dir, model_file=None)
     which = policy.WhichOneof("policy_choice") if policy is not None else None
     if which == "all":
         return versions
@@ -89,7 +91,7 @@ def check_repository(repo: str | Path) -> list[str]:
             raise LaunchError(f"{model_dir} has no config.pbtxt (every folder in the repository is a model)")
         try:
             cfg = parse_config(config.read_text())
-        except ConfigError as err:
+        except TritonConfigError as err:
             raise LaunchError(f"{config}: {err}") from None
         onnx = cfg.backend == "onnxruntime" or cfg.platform == "onnxruntime_onnx"
         filename = cfg.default_model_filename or (DEFAULT_MODEL_FILENAME if onnx else "")
@@ -259,19 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     server = LocalTriton(args.model_repository, grpc_port=args.grpc_port, http_port=args.http_port,
                          metrics_port=args.metrics_port, host=args.host, log_file=args.log_file,
                          backend_dir=args.backend_dir, startup_timeout_s=args.startup_timeout)
     if args.dry_run:
-        try:
-            models = check_repository(server.model_repository)
-            server.backend_dir = server.backend_dir or build_backend_dir()
-            print(f"models: {', '.join(models)}\ncommand: {' '.join(server.command())}")
-        except (LaunchError, TritonNotInstalled) as err:
-            print(f"kaem-serve: error: {err}", file=sys.stderr)
-            return 2
+        models = check_repository(server.model_repository)
+        server.backend_dir = server.backend_dir or build_backend_dir()
+        print(f"models: {', '.join(models)}\ncommand: {' '.join(server.command())}")
         return 0
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
@@ -283,9 +282,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kaem-serve: tritonserver exited on its own (code {rc}). From {server.log_file}:\n"
               f"{server.log_excerpt()}", file=sys.stderr)
         return rc or 1
-    except LaunchError as err:
-        print(f"kaem-serve: error: {err}", file=sys.stderr)
-        return 2
     except (KeyboardInterrupt, _Stop):
         print("kaem-serve: stopping", file=sys.stderr)
         return 0

@@ -1,7 +1,7 @@
 """Where the local Triton 2.51 pieces live (the ``nvidia-pytriton`` install), the backend directory
 the local server needs, the server's process environment, and this project's cache folder.
 
-Facts behind every choice here are in ``docs/environment.md`` (section "Running the real Triton
+Facts behind every choice here are in ``docs/design.md`` §11.6 (section "Running the real Triton
 server here").
 """
 
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from training.errors import KaemError
+
 # The NGC image with the same server release as the bundled binary (NGC 24.10 = Triton 2.51.0);
 # the Dockerfile's base tag must match, and a live test checks the binary reports this version.
 LOCAL_TRITON_VERSION = "2.51.0"
@@ -25,7 +27,7 @@ LOCAL_TRITON_NGC_TAG = "24.10"
 _SHIM_SOURCE = Path(__file__).with_name("ort_shim.py")
 
 
-class TritonNotInstalled(RuntimeError):
+class TritonNotInstalled(KaemError):
     """The nvidia-pytriton package (which ships the tritonserver binary) is missing or incomplete."""
 
 

@@ -13,6 +13,8 @@ import torchvision
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from training.errors import KaemError
+
 DATASETS = ("fmnist", "mnist", "digits", "svhn", "cifar10", "celeba")
 SHAPES: dict[str, tuple[int, int, int]] = {
     "fmnist": (1, 28, 28), "mnist": (1, 28, 28), "digits": (1, 8, 8),
@@ -45,7 +47,7 @@ EXPECTED_FILES = {
 }
 
 
-class DataError(Exception):
+class DataError(KaemError):
     """A dataset is unknown, missing or incomplete; the message says what to put where."""
 
 
@@ -166,3 +168,10 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
     if name in ("fmnist", "mnist"):
         return _idx_dataset(name, root, split)
     return _colour_dataset(name, root, split)
+
+
+def fetch(dataset: Dataset, idx: list[int], device: torch.device) -> Tensor:
+    """The images ``idx`` of ``dataset`` as one batch on ``device`` (its own ``__getitems__`` when it has one)."""
+    getitems = getattr(dataset, "__getitems__", None)
+    x = getitems(idx) if getitems is not None else torch.stack([dataset[i] for i in idx])
+    return x.to(device, non_blocking=True)

@@ -18,14 +18,12 @@ no-op run does not import torch and takes well under a second.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
 import shutil
 import struct
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -33,6 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from training.errors import KaemError
+from training.io import atomic_write, atomic_write_bytes
 
 FMNIST_DEB = "dataset-fashion-mnist"
 FMNIST_DEB_DIR = "usr/share/datasets/fashion-mnist"  # where the .deb keeps the four .gz files
@@ -44,7 +45,7 @@ IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 IDX_MAGIC = {3: 2051, 1: 2049}  # ndim -> big-endian magic of uint8 idx files (images, labels)
 
 
-class PrepareError(Exception):
+class PrepareError(KaemError):
     """A missing tool or a failed fetch: reported as one message, exit code 2."""
 
 
@@ -57,9 +58,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         raise ValueError(f"idx arrays are [N, H, W] images or [N] labels, got shape {array.shape}")
     array = np.ascontiguousarray(array, dtype=np.uint8)
     header = struct.pack(f">{1 + array.ndim}I", IDX_MAGIC[array.ndim], *array.shape)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(header + array.tobytes())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, header + array.tobytes())
 
 
 def idx_count(path: Path) -> int | None:
@@ -148,12 +147,15 @@ def prepare_fmnist(root: Path, cache: Path) -> None:
             src = Path(tmp) / FMNIST_DEB_DIR / f"{name}.gz"
             if not src.is_file():
                 raise PrepareError(f"{deb.name} has no {FMNIST_DEB_DIR}/{name}.gz: unexpected package layout")
-            part = raw / f"{name}.part"
-            with gzip.open(src, "rb") as fin, open(part, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-            if idx_count(part) is None:
-                raise PrepareError(f"{src.name} in {deb.name} is not a valid idx file")
-            os.replace(part, raw / name)
+            def unzip(fout, src=src):
+                with gzip.open(src, "rb") as fin:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+
+            def valid(part, src=src):
+                if idx_count(part) is None:
+                    raise PrepareError(f"{src.name} in {deb.name} is not a valid idx file")
+
+            atomic_write(raw / name, unzip, check=valid)
     n_train, n_test = idx_count(raw / IDX_NAMES[0]), idx_count(raw / IDX_NAMES[2])
     print(f"fmnist: wrote {n_train:,} train + {n_test:,} test images to {raw} ({time.perf_counter() - t0:.1f} s)")
 
@@ -217,36 +219,3 @@ def prepare_mnist(root: Path, cache: Path) -> None:
 # ---- CLI ----------------------------------------------------------------------------------------
 
 PREPARE = {"fmnist": prepare_fmnist, "mnist": prepare_mnist}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kaem-prepare-data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", type=Path, default=None,
-                   help="data folder to fill (default: $KAEM_DATA_ROOT if set, else <project>/data)")
-    p.add_argument("--only", choices=tuple(PREPARE), default=None,
-                   help="prepare one dataset only (default: both)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    root = args.root
-    if root is None:
-        from training.data.datasets import default_data_root  # deferred: it imports torch
-
-        root = default_data_root()
-    try:
-        for name in (args.only,) if args.only else tuple(PREPARE):
-            PREPARE[name](root, root / ".cache")
-    except (PrepareError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: run kaem-prepare-data again (unfinished files were left as *.part)", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,11 +3,6 @@ feature space of the classifier metrics (FD-clf, KID-clf, precision/recall); ``k
 
 from __future__ import annotations
 
-import argparse
-import pickle
-import sys
-import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +12,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from training.checkpoint import atomic_write
-from training.cli import HelpFormatter, UserError, resolve_device, user_errors
 from training.data.datasets import DataError, default_data_root, image_shape, load_dataset
+from training.errors import EvalError
+from training.io import atomic_write, load_torch_file
 
 FORMAT = "kaem-features"
 FORMAT_VERSION = 1
@@ -97,7 +92,7 @@ def _digits_labels(split: str) -> Tensor:
 
 
 def _batch(dataset: Dataset, idx: Tensor) -> Tensor:
-    from training.train import fetch
+    from training.data.datasets import fetch
 
     return fetch(dataset, idx.tolist(), torch.device("cpu"))
 
@@ -163,26 +158,21 @@ def save_feature_net(path: str | Path, net: FeatureNet, dataset: str, accuracy: 
 def load_feature_net(path: str | Path, map_location: str | torch.device = "cpu") -> FeatureNet:
     """The frozen eval-mode classifier in ``path``; its metadata is in ``net.meta`` (dataset, accuracy...).
 
-    Every failure (missing, unreadable, foreign or incomplete file) is a :class:`UserError` naming it."""
+    Every failure (missing, unreadable, foreign or incomplete file) is an
+    :class:`~training.errors.EvalError` naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"feature classifier not found: {path}")
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-        raise UserError(f"cannot read {path}: truncated or not a PyTorch file "
-                        f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]})") from err
+    blob = load_torch_file(path, "feature classifier", EvalError, map_location)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise UserError(f"{path} is not a feature-classifier file (no '{FORMAT}' format marker); "
+        raise EvalError(f"{path} is not a feature-classifier file (no '{FORMAT}' format marker); "
                         "write one with kaem-train-features")
     if not isinstance(blob.get("format_version"), int) or blob["format_version"] > FORMAT_VERSION:
-        raise UserError(f"{path} has format version {blob.get('format_version')}, newer than this software "
+        raise EvalError(f"{path} has format version {blob.get('format_version')}, newer than this software "
                         f"supports ({FORMAT_VERSION}): upgrade kaem-serve")
     try:
         net = FeatureNet(tuple(blob["image_shape"]), int(blob["n_classes"]), int(blob["feature_dim"]))
         net.load_state_dict(blob["state_dict"])
     except (KeyError, TypeError, RuntimeError) as err:
-        raise UserError(f"{path}: incomplete or inconsistent feature-classifier file ({str(err)[:200]})") from err
+        raise EvalError(f"{path}: incomplete or inconsistent feature-classifier file ({str(err)[:200]})") from err
     net.meta = {k: v for k, v in blob.items() if k != "state_dict"}  # type: ignore[assignment]
     return net.to(map_location).requires_grad_(False).eval()
 
@@ -210,45 +200,3 @@ def describe(net: FeatureNet) -> dict[str, Any]:
 
 
 # ---- CLI --------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kaem-train-features",
-        description="Train and freeze the small CNN classifier whose penultimate features define the classifier "
-        "metrics of kaem-eval (FD-clf, KID-clf, precision/recall). These are not FID: never compare them with "
-        "published FID numbers.",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("--dataset", default="fmnist", help=f"dataset with labels: {', '.join(CLASSES)}")
-    p.add_argument("--data-root", default=None, help="dataset folder (default: the project's data/ folder)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the training split")
-    p.add_argument("--batch", type=int, default=128, help="images per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--out", default=None, help="file to write (default: features/<dataset>.pt)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-@user_errors(DataError)
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.dataset not in CLASSES:
-        raise UserError(f"--dataset {args.dataset!r} has no labels here; choose one of: {', '.join(CLASSES)}")
-    if args.epochs < 1 or args.batch < 1:
-        raise UserError("--epochs and --batch must be >= 1")
-    device = resolve_device(args.device)
-    t0 = time.perf_counter()
-    net, acc = train_feature_net(args.dataset, args.data_root, args.epochs, args.batch, args.lr, args.seed, device,
-                                 progress=not args.no_progress)
-    out = save_feature_net(args.out or f"features/{args.dataset}.pt", net, args.dataset, acc, args.epochs, args.seed)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {args.dataset} classifier, {args.epochs} epoch(s), "
-          f"test accuracy {acc:.2%}, {time.perf_counter() - t0:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-

@@ -101,13 +101,13 @@ def latent_health(model, n_latent: int = N_LATENT, n_jacobian: int = N_JACOBIAN)
 
     ``model`` needs ``latent_of_u(u) -> h[B, Q]`` and ``decoder(h)``; the seeds become ``u`` exactly as in
     eager sampling and serving (no truncation)."""
-    from training.sample import seeds_to_u  # deferred: sample imports the checkpoint module
+    from training.sample import u_for_model  # deferred: sample imports the checkpoint module
 
     was_training = model.training
     model.eval()
     try:
         dev = next(model.parameters()).device
-        u = torch.from_numpy(seeds_to_u(model, range(max(n_latent, n_jacobian)))).to(dev)
+        u = torch.from_numpy(u_for_model(model, range(max(n_latent, n_jacobian)))).to(dev)
         h = torch.cat([model.latent_of_u(u[i : i + 1024]) for i in range(0, n_latent, 1024)])
         lam = covariance_spectrum(h)
         total = float(lam.sum())

@@ -4,8 +4,6 @@ extrapolation to n = ∞) and Inception-v3 features from a user-supplied weight 
 from __future__ import annotations
 
 import io
-import pickle
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,7 +12,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from training.cli import UserError
+from training.errors import EvalError
+from training.io import load_torch_file
 
 Features = np.ndarray | Tensor  # [N, D] feature matrix, any float dtype; statistics run in float64
 
@@ -160,21 +159,18 @@ def load_inception(weights_path: str | Path, device: str | torch.device = "cpu")
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
     except ImportError as err:  # torchmetrics and torch-fidelity come with the "eval" extra
-        raise UserError(f"FID needs torchmetrics and torch-fidelity ({err}): pip install 'kaem-serve[eval]'") from err
+        raise EvalError(f"FID needs torchmetrics and torch-fidelity ({err}): pip install 'kaem-serve[eval]'") from err
 
     path = Path(weights_path)
-    if not path.is_file():
-        raise UserError(f"Inception weights not found: {path}; expected {INCEPTION_EXPECTED}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-        raise UserError(f"cannot read Inception weights {path} ({type(err).__name__}: "
-                        f"{(str(err).splitlines() or [''])[0][:160]}); expected {INCEPTION_EXPECTED}") from err
+        state = load_torch_file(path, "Inception weights", EvalError)
+    except EvalError as err:
+        raise EvalError(f"{err}; expected {INCEPTION_EXPECTED}") from err
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise UserError(f"{path} is not a state dict of tensors; expected {INCEPTION_EXPECTED}")
+        raise EvalError(f"{path} is not a state dict of tensors; expected {INCEPTION_EXPECTED}")
     wrong = [k for k, shape in _SIGNATURE.items() if k not in state or tuple(state[k].shape) != shape]
     if wrong:
-        raise UserError(f"{path} is not the FID Inception-v3 (missing or misshapen: {', '.join(wrong)}); "
+        raise EvalError(f"{path} is not the FID Inception-v3 (missing or misshapen: {', '.join(wrong)}); "
                         f"expected {INCEPTION_EXPECTED}")
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -183,7 +179,7 @@ def load_inception(weights_path: str | Path, device: str | torch.device = "cpu")
         net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                  feature_extractor_weights_path=buf, antialias=False)  # type: ignore[arg-type]
     except RuntimeError as err:  # strict load_state_dict: other keys missing, unexpected or misshapen
-        raise UserError(f"{path} does not fit the FID Inception-v3 ({str(err)[:300]}); "
+        raise EvalError(f"{path} does not fit the FID Inception-v3 ({str(err)[:300]}); "
                         f"expected {INCEPTION_EXPECTED}") from err
     return net.to(device)
 
@@ -196,7 +192,7 @@ def inception_features(images: np.ndarray | Tensor, weights_path: str | Path | n
 
     ``images``: uint8 ``[N, H, W, C]`` (as generated) or float ``[N, C, H, W]`` in [0, 1] (as loaded);
     grey images are repeated to RGB. ``weights_path``: the weight file, or a net from :func:`load_inception`."""
-    from training.images import to_uint8_nhwc
+    from training.model.kaem import to_uint8_nhwc
 
     net = weights_path if isinstance(weights_path, nn.Module) else load_inception(weights_path, device)
     dev = next(net.parameters()).device

@@ -1,18 +1,16 @@
 """``kaem-plot-prior``: the learned univariate densities pi_{q,p} next to their reference pi0 —
-the paper's interpretability figure (spec §8). One row per checkpoint, ranked by KL(pi || pi0), plus a row
+the paper's interpretability figure (docs/design.md §8). One row per checkpoint, ranked by KL(pi || pi0), plus a row
 of mixture marginals pi_q for mixture priors; prints the learned structure as numbers (KL quantiles,
 total variation across q)."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from training.checkpoint import CheckpointError, load_model
-from training.cli import HelpFormatter, UserError, user_errors
+from training.checkpoint import load_model
+from training.errors import EvalError
 from training.model.kaem import KAEM
 
 
@@ -23,7 +21,7 @@ def kl_from_pi0(model: KAEM) -> torch.Tensor:
 
 
 def mixture_marginals(model: KAEM) -> torch.Tensor:
-    """π_q(x_k) = Σ_p α_{q,p} π_{q,p}(x_k) on the nodes, [Q, N] (spec §8: the mixture's latent densities)."""
+    """π_q(x_k) = Σ_p α_{q,p} π_{q,p}(x_k) on the nodes, [Q, N] (docs/design.md §8: the mixture's latent densities)."""
     _, dens, _ = model.prior.density_on_nodes()
     return (model.prior.log_alpha.exp().unsqueeze(-1) * dens).sum(1)
 
@@ -80,7 +78,7 @@ def pick_components(model: KAEM, n: int, given: list[tuple[int, int]] | None) ->
     if given:
         for q, p in given:
             if not (1 <= q <= Q and 1 <= p <= P):
-                raise UserError(f"component ({q},{p}) is outside 1..{Q} × 1..{P}")
+                raise EvalError(f"component ({q},{p}) is outside 1..{Q} × 1..{P}")
         return given
     order = torch.argsort(kl_from_pi0(model).flatten(), descending=True)[:n]
     return [(int(i) // P + 1, int(i) % P + 1) for i in order]
@@ -107,7 +105,7 @@ def plot_priors(checkpoints: list[str], out: str | Path, n: int = 4,
         label = f"{model.cfg.preset}\nπ₀={cfg.pi0}, {cfg.basis}"
         _draw_row(axes[row], x, pi0, panels, label)
         row += 1
-        if cfg.kind == "mixture":  # spec §8: each latent's density, the α-weighted sum of its components
+        if cfg.kind == "mixture":  # docs/design.md §8: each latent's density, the α-weighted sum of its components
             marg = mixture_marginals(model)
             mkl = _kl(marg, model.prior.density_on_nodes()[2], model.prior.log_w.exp())
             top = torch.argsort(mkl, descending=True)[:cols].tolist()
@@ -136,45 +134,3 @@ def _draw_row(axes, x, pi0, panels: list[tuple[str, object, str]], ylabel: str) 
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel(ylabel, fontsize=8)
     axes[0].legend(fontsize=6, loc="upper right")
-
-
-def _pair(text: str) -> tuple[int, int]:
-    try:
-        q, p = (int(v) for v in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"component {text!r}: use q,p with 1-based integers, e.g. 1,2") from err
-    return q, p
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kaem-plot-prior",
-        description="Plot learned univariate prior densities (normalised by quadrature) against the reference "
-        "measure π₀, one row per checkpoint.",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("--checkpoint", action="append", required=True,
-                   help="checkpoint file or run directory; repeat for several rows")
-    p.add_argument("--out", default="priors.png", help="PNG to write")
-    p.add_argument("--n", type=int, default=4, help="components per row (those with the largest KL to π₀)")
-    p.add_argument("--component", type=_pair, action="append", default=None,
-                   help="explicit 1-based component q,p (repeatable); overrides --n")
-    return p
-
-
-@user_errors(CheckpointError, ValueError)
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.n < 1:
-        raise UserError("--n must be >= 1")
-    path = plot_priors(args.checkpoint, args.out, args.n, args.component)
-    print(f"wrote {path}")
-    for ckpt in args.checkpoint:
-        print(f"{ckpt}:")
-        for line in describe_structure(prior_structure(load_model(ckpt, kaem_only=True)[0])):
-            print(f"  {line}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Branch-free resampling of importance weights (spec §5.3, paper A.6.2): residual (default),
+"""Branch-free resampling of importance weights (docs/design.md §5.3, paper A.6.2): residual (default),
 systematic and stratified. Pure functions of the weights and injected uniforms."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Langevin-family posterior samplers (spec §5.4-5.5): ULA, MALA with an autoMALA-style step-size
+"""Langevin-family posterior samplers (docs/design.md §5.4-5.5): ULA, MALA with an autoMALA-style step-size
 search, temperature ladders with global population swaps, and the thermodynamic integral.
 
 Every sampler is a pure function of (target, start, generator, settings): all noise is drawn from
@@ -25,7 +25,7 @@ Restrict = Callable[[Tensor], LogTarget]
 
 def value_and_grad(log_target: LogTarget, z: Tensor) -> tuple[Tensor, Tensor]:
     """(log γ(z) [C], ∇_z log γ(z)) with autograd on a detached copy of z: parameters get no
-    gradient, and it works inside ``torch.no_grad`` callers (spec §9)."""
+    gradient, and it works inside ``torch.no_grad`` callers (docs/design.md §9)."""
     with torch.enable_grad():
         zz = z.detach().requires_grad_(True)
         lp = log_target(zz)
@@ -47,7 +47,7 @@ def importance_log_evidence(ell: Tensor) -> Tensor:
     return torch.logsumexp(ell, dim=-1) - math.log(ell.shape[-1])
 
 
-# ---- ULA (spec §5.4) -------------------------------------------------------------------------
+# ---- ULA (docs/design.md §5.4) -------------------------------------------------------------------------
 
 
 def ula_step(log_target: LogTarget, z: Tensor, step_size: float, gen: torch.Generator | None,
@@ -69,7 +69,7 @@ def ula(log_target: LogTarget, z0: Tensor, step_size: float, n_steps: int, gen: 
     return z
 
 
-# ---- MALA with autoMALA-style step-size search (spec §5.4) -------------------------------------
+# ---- MALA with autoMALA-style step-size search (docs/design.md §5.4) -------------------------------------
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def _leapfrog_rows(log_target: LogTarget, restrict: Restrict | None, z: Tensor, 
 def step_size_search(log_target: LogTarget, z: Tensor, p: Tensor, lp: Tensor, g: Tensor, eta0: Tensor,
                      log_a: Tensor, log_b: Tensor, inv_sqrt_m: Tensor, s: MALASettings,
                      restrict: Restrict | None = None) -> tuple[Tensor, _Proposal, Tensor]:
-    """Per-chain search (spec §5.4): double η while the move is too easy, halve it while too hard,
+    """Per-chain search (docs/design.md §5.4): double η while the move is too easy, halve it while too hard,
     stop inside the band, at the bounds or on NaN. Returns (η, proposal at η, evaluations [C]).
 
     The band test uses −|log r| instead of log r: the reversed move has ratio 1/r, so a raw-r test
@@ -190,7 +190,7 @@ def step_size_search(log_target: LogTarget, z: Tensor, p: Tensor, lp: Tensor, g:
 
 
 def preconditioner(z: Tensor, gen: torch.Generator, first: bool, enabled: bool) -> Tensor:
-    """M^{-1/2} (diagonal, over the latent axes) from the spread of the chains (spec §5.4).
+    """M^{-1/2} (diagonal, over the latent axes) from the spread of the chains (docs/design.md §5.4).
 
     With Σ the per-coordinate variance across chains: the first iteration uses
     M^{1/2} = sqrt(β/Σ + 1 − β), β ~ U(0.5, 2/3); later ones M^{1/2} = ε Σ^{-1/2} + (1 − ε) with ε
@@ -235,7 +235,7 @@ def mala_move(log_target: LogTarget, z: Tensor, lp: Tensor, g: Tensor, p: Tensor
 def mala(log_target: LogTarget, z0: Tensor, eta_init: Tensor, gen: torch.Generator, s: MALASettings,
          restrict: Restrict | None = None) -> MALAResult:
     """MALA (one leapfrog step per move) with the per-chain step-size search, reversibility check,
-    MH correction, diagonal preconditioner and the η carry-over rule of spec §5.4. With ``restrict``
+    MH correction, diagonal preconditioner and the η carry-over rule of docs/design.md §5.4. With ``restrict``
     the search's later rounds evaluate only the chains still searching (same chains, less work)."""
     z = z0.detach()
     C = z.shape[0]
@@ -273,7 +273,7 @@ def mala(log_target: LogTarget, z0: Tensor, eta_init: Tensor, gen: torch.Generat
     )
 
 
-# ---- Population annealing / thermodynamic integration (spec §5.5) -----------------------------
+# ---- Population annealing / thermodynamic integration (docs/design.md §5.5) -----------------------------
 
 
 def annealing_power(step: int, total: int, p_start: float, p_end: float, cycles: int = 0) -> float:
@@ -294,7 +294,7 @@ def swap_log_acceptance(ell_sums: Tensor, temps: Tensor, k: Tensor) -> Tensor:
 
 
 def global_swap(z: Tensor, ell_sums: Tensor, temps: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """One global swap proposal between adjacent populations (spec §5.5).
+    """One global swap proposal between adjacent populations (docs/design.md §5.5).
 
     z[K, C, ...] holds one population per temperature temps[K]; ell_sums[K] = Σ_b ℓ per population.
     A pair (k, k+1) is drawn uniformly and whole populations exchange with probability
@@ -323,7 +323,7 @@ def anneal_populations(log_prior: LogTarget, log_lik: LogTarget, z0: Tensor, tem
     """ULA on one population per temperature (z0[K, C, ...], temps[K] = t_1..t_K) with a global swap
     proposal after every ``swap_every`` steps (0: never). ``log_prior``/``log_lik`` take the flattened chains
     [K·C, ...]; ``swap_lik`` (default ``log_lik``) scores populations for swaps (KAEM passes the
-    likelihood with decoder noise, spec §5.5)."""
+    likelihood with decoder noise, docs/design.md §5.5)."""
     K, C = z0.shape[:2]
     shape = z0.shape[2:]
     t_chain = temps.to(z0).repeat_interleave(C)

@@ -1,5 +1,5 @@
 """The comparison models, trained and sampled by the same harness as KAEM: a VAE and the latent EBM
-of Pang et al. (2020) rebuilt from KAN layers (spec §5.6). Same decoder family (``build_decoder``
+of Pang et al. (2020) rebuilt from KAN layers (docs/design.md §5.6). Same decoder family (``build_decoder``
 with the preset's decoder config and Q inputs), same Gaussian likelihood, same data pipeline,
 training loop and checkpoint format; ``kaem-train --model vae|lebm`` selects them.
 
@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from training.config import KAEMConfig, PosteriorConfig
-from training.losses import POSTERIORS, LossFn, LossOutput, StepContext, noisy_loglik
+from training.losses import LossOutput, StepContext, noisy_loglik
 from training.mcmc import samplers
 from training.model.decoder import build_decoder
-from training.model.kaem import KAEM, LatentImageModel
+from training.model.kaem import LatentImageModel
 from training.model.kan import KANLayer
 from training.model.prior import normal_icdf
 
@@ -80,7 +80,7 @@ class VAE(LatentImageModel):
 
 
 class LatentEBM(LatentImageModel):
-    """π(z) ∝ exp(f(z)) π0(z) on R^Q with a deep KAN energy Q → 200 → 200 → 1 (spec §5.6)."""
+    """π(z) ∝ exp(f(z)) π0(z) on R^Q with a deep KAN energy Q → 200 → 200 → 1 (docs/design.md §5.6)."""
 
     def __init__(self, cfg: KAEMConfig, init_seed: int | None = None):
         super().__init__(cfg)
@@ -120,7 +120,7 @@ class LatentEBM(LatentImageModel):
 
     def sample_prior(self, z0: Tensor, gen: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
         """ULA from N(0, I) on the prior alone (the old reference also added a likelihood term
-        against an all-zeros image, spec §9 bug 6: not here)."""
+        against an all-zeros image, docs/design.md §9 bug 6: not here)."""
         b = self.cfg.baseline
         return samplers.ula(self.log_prior, z0, b.prior_step_size, b.prior_steps, gen, noise)
 
@@ -171,20 +171,3 @@ def lebm_loss(model: LatentEBM, x: Tensor, gen: torch.Generator, cfg: PosteriorC
     post, prior = model.log_prior(z), model.log_prior(z_prior)
     loss = -((post + ell).mean() - prior.mean())
     return LossOutput(loss=loss, stats=_stats(model, x, loss, ell, prior_post=post, prior_prior=prior), z=z)
-
-
-MODEL_CLASSES: dict[str, type[LatentImageModel]] = {"kaem": KAEM, "vae": VAE, "lebm": LatentEBM}
-MODEL_NAMES = {"kaem": "KAEM", "vae": "VAE", "lebm": "latent EBM"}
-
-
-def build_model(cfg: KAEMConfig, init_seed: int | None = None) -> LatentImageModel:
-    return MODEL_CLASSES[cfg.model](cfg, init_seed)  # type: ignore[call-arg]
-
-
-def loss_fn_for(cfg: KAEMConfig) -> LossFn:
-    """KAEM: the posterior estimator chosen by name; baselines: their own objectives."""
-    if cfg.model == "vae":
-        return vae_loss  # type: ignore[return-value]
-    if cfg.model == "lebm":
-        return lebm_loss  # type: ignore[return-value]
-    return POSTERIORS[cfg.posterior.kind]

@@ -1,4 +1,4 @@
-"""Decoders g_Φ(h) (spec §1.3, §6): the KAN decoder of the MNIST/FMNIST configs and the
+"""Decoders g_Φ(h) (docs/design.md §1.3, §6): the KAN decoder of the MNIST/FMNIST configs and the
 transposed-convolution stacks of the colour configs. Both return pre-sigmoid logits [B, C, H, W].
 """
 
@@ -42,7 +42,7 @@ class KANDecoder(nn.Module):
 
     @torch.no_grad()
     def refit_grid(self, h: Tensor) -> None:
-        """Refit each layer's grid to the inputs it sees for these latents (spec §2.3)."""
+        """Refit each layer's grid to the inputs it sees for these latents (docs/design.md §2.3)."""
         x = h
         for layer in self.layers:
             layer.refit_grid(x)
@@ -51,7 +51,7 @@ class KANDecoder(nn.Module):
 
 class ConvDecoder(nn.Module):
     """1×1×Q → ConvTranspose stack → C channels. ``hidden_act`` (LeakyReLU(0.2) by default) sits
-    between layers; ``reference_linear`` drops it, matching the reference code exactly (spec §6:
+    between layers; ``reference_linear`` drops it, matching the reference code exactly (docs/design.md §6:
     its CNN is a linear map followed by a sigmoid, almost certainly unintended)."""
 
     def __init__(self, cfg: DecoderConfig, Q: int):

@@ -120,7 +120,7 @@ class KAEM(LatentImageModel):
 class _NoisyGaussianLogLik(torch.autograd.Function):
     """ℓ_{b,s} = −Σ_d (x_bd − sigmoid(g_sd + σ_n ε_bsd))² / (2σ²) with a hand-written backward.
 
-    The [B, S, D] tensor dominates the IS step (environment.md); autograd's generic graph makes
+    The [B, S, D] tensor dominates the IS step (docs/design.md §11.7); autograd's generic graph makes
     ~15 passes over it, this makes ~8 (measured in benchmarks/train_step.py)."""
 
     @staticmethod
@@ -138,3 +138,11 @@ class _NoisyGaussianLogLik(torch.autograd.Function):
         t = torch.mul(xhat, 1.0 - xhat).mul_(resid)
         grad_g = torch.einsum("bs,bsd->sd", grad_out, t).div_(ctx.sigma**2)
         return None, grad_g, None, None, None
+
+
+def to_uint8_nhwc(mean: Tensor) -> Tensor:
+    """Decoder mean ``[N, C, H, W]`` in [0, 1] to uint8 ``[N, H, W, C]`` (round half up, clamped).
+
+    The exported graph uses this very function, so eager and served pixels agree bit for bit."""
+    scaled = torch.clamp(mean, 0.0, 1.0) * 255.0 + 0.5
+    return torch.floor(scaled).to(torch.uint8).permute(0, 2, 3, 1)

@@ -1,4 +1,4 @@
-"""KAN univariate functions (spec §2): RBF / Fourier / Chebyshev bases, the prior's bank of
+"""KAN univariate functions (docs/design.md §2): RBF / Fourier / Chebyshev bases, the prior's bank of
 independent energies f_{q,p}, the summed KAN layer of the decoder, and RBF grid refitting.
 
 Every op is elementwise or an einsum, so the same modules export to ONNX unchanged.
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 # No subnormal floats by construction (x86 takes a many times slower path on subnormal inputs and results:
-# environment.md), forward or backward, in torch and in every runtime. e^t is subnormal in float32 below
+# docs/design.md §11.1), forward or backward, in torch and in every runtime. e^t is subnormal in float32 below
 # t = -87.3; the floors leave room for the products with weights and gradients (e^-50 ≈ 2e-22 times
 # anything above 1e-16 is still normal). What they change is below float32's resolution of any output.
 EXP_FLOOR = -50.0
@@ -48,7 +48,7 @@ class Basis(nn.Module):
     """Basis functions B_g(x) for a bank of univariate functions indexed by ``grid_shape``.
 
     ``forward(x)`` takes ``x[..., *grid_shape]`` and returns ``[..., *grid_shape, K]``. RBF keeps a
-    grid (G+1 centres) per index, refitted from samples (spec §2.3); FFT and Chebyshev have none.
+    grid (G+1 centres) per index, refitted from samples (docs/design.md §2.3); FFT and Chebyshev have none.
     """
 
     def __init__(self, kind: str, size: int, grid_shape: tuple[int, ...], domain: tuple[float, float]):
@@ -239,7 +239,7 @@ def _init_coef(basis: Basis, coef_shape: tuple[int, ...], fan_in: int, fan_out: 
 
 
 class KANLayer(nn.Module):
-    """A KAN layer y_o = Σ_i φ_{i,o}(x_i) with a grid per input i (decoder; spec §2)."""
+    """A KAN layer y_o = Σ_i φ_{i,o}(x_i) with a grid per input i (decoder; docs/design.md §2)."""
 
     def __init__(self, n_in: int, n_out: int, basis: str, size: int, domain: tuple[float, float],
                  base_act: str, gen: torch.Generator, eps_scale: float = 1.0):

@@ -1,5 +1,5 @@
 """The KAEM energy prior: reference measures pi0, Gauss-Legendre quadrature on [a, b], CDF tables
-and exact inverse-transform sampling (spec §1, §3, §4, §9), univariate (KART) and mixture.
+and exact inverse-transform sampling (docs/design.md §1, §3, §4, §9), univariate (KART) and mixture.
 
 Sampling finds the CDF cell of u (a binary search eagerly, a baked bucket table + a short window of
 compares in the served graph: the same index), gathers and interpolates linearly; ``u`` comes in as a
@@ -16,15 +16,13 @@ from torch import Tensor, nn
 
 from training.config import PriorConfig
 from training.model.kan import EnergyBank
-from training.uniforms import u_layout
+from training.uniforms import U_EPS, u_layout
 
-# NaN becomes 0.5 and u is clamped into [U_EPS, 1 - U_EPS] before inversion (spec §9).
-U_EPS = 1e-6
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def log_pi0(z: Tensor, kind: str, eps: float) -> Tensor:
-    """log(pi0(z) + eps) for the reference measures of spec §3 (``ebm``: pi0 ≡ 1, log = 0).
+    """log(pi0(z) + eps) for the reference measures of docs/design.md §3 (``ebm``: pi0 ≡ 1, log = 0).
 
     The same ε-floor is used for quadrature masses and for log-prior evaluations, so ITS and the
     losses agree even where Langevin moves z outside pi0's support."""
@@ -51,7 +49,7 @@ def gauss_legendre(n: int, a: float, b: float) -> tuple[Tensor, Tensor]:
     """Nodes (ascending) and weights of n-point Gauss-Legendre on [a, b].
 
     Correct affine map x = (a+b)/2 + (b-a)/2·ξ, w = (b-a)/2·ω. (The reference writes
-    ((a+b)/2 + (b-a)/2)·ξ = b·ξ, right only for symmetric domains: spec §9 bug 1.)"""
+    ((a+b)/2 + (b-a)/2)·ξ = b·ξ, right only for symmetric domains: docs/design.md §9 bug 1.)"""
     xi, omega = np.polynomial.legendre.leggauss(n)
     x = 0.5 * (a + b) + 0.5 * (b - a) * xi
     w = 0.5 * (b - a) * omega
@@ -59,7 +57,7 @@ def gauss_legendre(n: int, a: float, b: float) -> tuple[Tensor, Tensor]:
 
 
 def knot_positions(nodes: Tensor, a: float, b: float, convention: str) -> Tensor:
-    """N+1 knots t_0..t_N for the piecewise-linear inverse CDF (spec §4.2)."""
+    """N+1 knots t_0..t_N for the piecewise-linear inverse CDF (docs/design.md §4.2)."""
     if convention == "cell":  # each node's mass spread over its own cell [t_{k-1}, t_k]
         mids = 0.5 * (nodes[1:] + nodes[:-1])
         return torch.cat([nodes.new_tensor([a]), mids, nodes.new_tensor([b])])
@@ -100,14 +98,14 @@ def tent_fold(v: Tensor) -> Tensor:
 
 def count_below(table: Tensor, value: Tensor) -> Tensor:
     """#{j : table_j < value} over the last axis, as int64. Summed in float32 then cast: the int64
-    sum runs ~5x slower in onnxruntime with identical output (environment.md)."""
+    sum runs ~5x slower in onnxruntime with identical output (docs/design.md §11.2)."""
     return (table < value.unsqueeze(-1)).to(torch.float32).sum(-1).to(torch.int64)
 
 
 def _bucket(cdf: Tensor, u: Tensor) -> Tensor:
     """#{j : C_j < u} per value, by binary search: searchsorted's left side counts the entries strictly
     below u in the non-decreasing rows, the same index as compare-and-count over the row and as
-    :class:`BucketLookup` (the served graph's; searchsorted has no ONNX export, environment.md)."""
+    :class:`BucketLookup` (the served graph's; searchsorted has no ONNX export, docs/design.md §11.3)."""
     if cdf.dim() == u.dim() + 1 and cdf.shape[:-1] == u.shape:  # one row per value
         return torch.searchsorted(cdf.contiguous(), u.unsqueeze(-1).contiguous()).squeeze(-1)
     if cdf.dim() == u.dim() and cdf.shape[:-1] == u.shape[1:]:  # rows shared over the batch
@@ -222,14 +220,14 @@ def _interpolate(c_lo: Tensor, c_hi: Tensor, t_lo: Tensor, t_hi: Tensor, u: Tens
 
 
 class EnergyPrior(nn.Module):
-    """pi_{q,p}(z) = exp(f_{q,p}(z)) pi0(z) / Z_{q,p} with Q·P independent energies f (spec §1)."""
+    """pi_{q,p}(z) = exp(f_{q,p}(z)) pi0(z) / Z_{q,p} with Q·P independent energies f (docs/design.md §1)."""
 
     def __init__(self, cfg: PriorConfig, gen: torch.Generator):
         super().__init__()
         self.cfg = cfg
         self.kind, self.P, self.Q = cfg.kind, cfg.P, cfg.Q
         a, b = cfg.domain
-        # In the mixture case each latent q has P components: inputs Q, outputs P (spec §2).
+        # In the mixture case each latent q has P components: inputs Q, outputs P (docs/design.md §2).
         fan_in, fan_out = (cfg.Q, cfg.P) if cfg.kind == "mixture" else (cfg.P, cfg.Q)
         self.f = EnergyBank((cfg.Q, cfg.P), cfg.basis, cfg.grid_size, (a, b), cfg.base_act,
                             fan_in, fan_out, cfg.init_eps_scale, gen)
@@ -240,7 +238,7 @@ class EnergyPrior(nn.Module):
         self.set_domain(a, b)
         if cfg.kind == "folded":  # per-(q, p) shifts of the inner inputs; a constant, rebuilt from the config
             self.register_buffer("fold_shift", fold_shifts(cfg.Q, cfg.P), persistent=False)
-        # Mixture proportions α = 1/P, not trained in any shipped config (spec §1.2).
+        # Mixture proportions α = 1/P, not trained in any shipped config (docs/design.md §1.2).
         log_alpha = torch.full((cfg.Q, cfg.P), -math.log(cfg.P))
         self.register_buffer("log_alpha", log_alpha)
         self.register_buffer("cum_alpha", torch.cumsum(log_alpha.exp(), dim=-1))
@@ -300,7 +298,7 @@ class EnergyPrior(nn.Module):
 
     @torch.no_grad()
     def cdf_table(self) -> Tensor:
-        """Normalised CDF at the knots, [Q, P, N+1] with C_0 = 0 and C_N = 1 (log-space, spec §9)."""
+        """Normalised CDF at the knots, [Q, P, N+1] with C_0 = 0 and C_N = 1 (log-space, docs/design.md §9)."""
         return self._cdf_of(self.log_masses())
 
     @staticmethod
@@ -345,7 +343,7 @@ class EnergyPrior(nn.Module):
         """log pi(z) per sample, [B]. Univariate: Σ_{q,p} f + log pi0 (− log Z when normalised).
 
         The mixture is always normalised with the differentiable quadrature log Z and logsumexp
-        over components (spec §9: the reference's Z = 1 shortcut is only right for equal masses).
+        over components (docs/design.md §9: the reference's Z = 1 shortcut is only right for equal masses).
         ``log_z`` [Q, P] reuses a precomputed log Z (Langevin loops: it does not depend on z)."""
         if self.kind != "mixture":
             lp = self.f(z) + self.log_pi0(z)
@@ -367,6 +365,6 @@ class EnergyPrior(nn.Module):
 
     @torch.no_grad()
     def refit_grid(self, z: Tensor) -> None:
-        """Refit the RBF grids of the energies from prior/posterior samples z (spec §2.3)."""
+        """Refit the RBF grids of the energies from prior/posterior samples z (docs/design.md §2.3)."""
         zz = z if self.kind != "mixture" else z.unsqueeze(-1).expand(*z.shape, self.P)
         self.f.refit_grid(zz.reshape(-1, self.Q, self.P))

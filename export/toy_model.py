@@ -1,7 +1,6 @@
-"""Model repositories for the serving tests: a TOY graph that follows the served-graph contract
-exactly, until the real exporter's output replaces it (swap :func:`build_toy_repository` only).
-
-Also imported by ``benchmarks/serving.py`` to build a repository on the fly.
+"""A toy served model: a tiny ONNX graph that follows the served-graph contract exactly (u in, images and mean
+out), and Triton repositories holding it. For the serving tests and for ``benchmarks/serving.py`` without a real
+model: both exercise the server, the client and the contract checks without an export.
 """
 
 from __future__ import annotations
@@ -15,9 +14,10 @@ import numpy as np
 import onnx
 import torch
 
-from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, U_EPS, ModelContract
+from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, ModelContract
 from export.triton_config import render_config, write_config
-from training.images import to_uint8_nhwc
+from training.model.kaem import to_uint8_nhwc
+from training.uniforms import U_EPS
 
 TOY_MODEL = "kaem_toy"
 # Mixture layout so that the ITS-only truncation path (its_start > 0) is exercised.

@@ -17,7 +17,6 @@ resumed (under ``--minutes``, for the rest of its budget). So re-running after a
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -28,10 +27,10 @@ from typing import Any
 
 import torch
 
-from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model
-from training.cli import HelpFormatter, UserError, resolve_device, user_errors
-from training.config import MODELS, POSTERIOR_KINDS, PRESETS, KAEMConfig, get_preset, with_model, with_overrides
-from training.model.baselines import MODEL_NAMES
+from training.checkpoint import latest_checkpoint, load_checkpoint, load_model
+from training.config import KAEMConfig, get_preset, with_model, with_overrides
+from training.errors import TrainingError
+from training.model.registry import MODEL_NAMES
 from training.runtime import keep_freed_memory
 
 METRICS = (("fd_clf", "FD-clf", min), ("kid_clf", "KID-clf", min), ("precision_clf", "precision-clf", max),
@@ -60,7 +59,7 @@ def seconds_per_step(cfg: KAEMConfig, device: torch.device, data_root: str | Non
     after two warm-up steps: the rate a --minutes budget is planned with."""
     from training.data.datasets import load_dataset
     from training.losses import StepContext
-    from training.model.baselines import build_model, loss_fn_for
+    from training.model.registry import build_model, loss_fn_for
     from training.uniforms import step_generator
 
     keep_freed_memory()  # as train() does: the rate planned with is the loop's
@@ -106,7 +105,7 @@ def train_for_minutes(cfg: KAEMConfig, run_dir: Path, minutes: float, data_root:
     latest = latest_checkpoint(run_dir)
     same = plan is not None and plan["minutes"] == minutes and plan["lr"] == cfg.train.lr
     if latest is not None and not same:
-        raise UserError(f"{run_dir} holds another run (not a {minutes:g}-minute run at lr {cfg.train.lr:g}): "
+        raise TrainingError(f"{run_dir} holds another run (not a {minutes:g}-minute run at lr {cfg.train.lr:g}): "
                         "remove it or choose another --out")
     if same and plan["finished"] and latest is not None:
         print(f"{run_dir}: reusing {latest.name} ({minutes:g}-minute run)", file=sys.stderr)
@@ -231,12 +230,12 @@ def sweep_lr(cfg: KAEMConfig, out: Path, minutes: float, n: int, data_root: str 
 
 
 def compare(preset: str, steps: int | None, out: Path, models: list[str], n: int, posterior: str | None = None,
-            data_root: str | None = None, features: str | None = None, device: str = "cpu",
+            data_root: str | None = None, features: str | None = None, device: str | torch.device = "cpu",
             progress: bool = True, command: str = "", minutes: float | None = None, lr_sweep: bool = False,
             lr_from: str | None = None, sweep_n: int = 2000) -> tuple[list[dict[str, Any]], str]:
     from training.eval.evaluate import blur_equivalent
 
-    dev = resolve_device(device)
+    dev = torch.device(device)
     base = get_preset(preset) if minutes else with_overrides(get_preset(preset), steps=steps)
     if posterior is not None:
         base = replace(base, posterior=replace(base.posterior, kind=posterior))
@@ -286,69 +285,3 @@ def compare(preset: str, steps: int | None, out: Path, models: list[str], n: int
     (out / "comparison.md").write_text(table)
     (out / "comparison.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     return rows, table
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kaem-compare",
-        description="Train (or reuse) KAEM and its VAE and latent-EBM baselines on one data set with the same "
-        "harness and budget (equal updates with --steps, equal wall clock with --minutes), score them with "
-        "classifier-space FD/KID/precision/recall (kaem-eval), latent health and sampling speed, and write a "
-        "markdown table (comparison.md) and comparison.json into --out. Needs the data set's feature classifier "
-        "(kaem-train-features).",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("--preset", default="fmnist", help=f"data set preset: {', '.join(PRESETS)}")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help="updates per model (equal updates; default 1000)")
-    budget.add_argument("--minutes", type=float, default=None,
-                        help="wall-clock training minutes per model (equal time; schedules sized to the steps "
-                        "that fit)")
-    p.add_argument("--lr-sweep", action="store_true",
-                   help="with --minutes: first train each baseline at x0.3, x1, x3 of its preset lr for M/4 minutes "
-                   "and keep the lowest FD-clf")
-    p.add_argument("--lr-from", default=None, metavar="COMPARISON_JSON",
-                   help="reuse the lr factors chosen by another comparison's sweep (e.g. Fashion-MNIST's for MNIST)")
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
-    p.add_argument("--posterior", choices=POSTERIOR_KINDS, default=None, help="KAEM's estimator (default: preset's)")
-    p.add_argument("--n", type=int, default=2000, help="generated and real images per metric")
-    p.add_argument("--sweep-n", type=int, default=2000, help="images per metric in the lr sweep's runs")
-    p.add_argument("--features", default=None, help="classifier file (default: features/<dataset>.pt)")
-    p.add_argument("--data-root", default=None, help="dataset folder (default: the project's data/)")
-    p.add_argument("--out", default=None, help="folder for the runs and the table (default: runs/compare-<preset>)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-@user_errors(KeyError, ValueError, CheckpointError)
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown or not models:
-        raise UserError(f"--models: unknown {unknown or 'empty list'}; choose from {', '.join(MODELS)}")
-    steps = args.steps if args.steps is not None or args.minutes is not None else 1000
-    if (steps is not None and steps < 1) or (args.minutes is not None and args.minutes <= 0) or args.n < 2:
-        raise UserError("--steps must be >= 1, --minutes > 0 and --n >= 2")
-    if (args.lr_sweep or args.lr_from) and args.minutes is None:
-        raise UserError("--lr-sweep and --lr-from go with --minutes (the sweep runs at M/4 minutes)")
-    if args.lr_sweep and args.lr_from:
-        raise UserError("--lr-sweep and --lr-from exclude each other: sweep here, or reuse another sweep")
-    if args.lr_from and not Path(args.lr_from).is_file():
-        raise UserError(f"--lr-from: {args.lr_from} not found (a comparison.json written by kaem-compare --lr-sweep)")
-    from training.data.datasets import DataError
-
-    command = "kaem-compare " + " ".join(sys.argv[1:] if argv is None else argv)
-    try:
-        _, table = compare(args.preset, steps, Path(args.out or f"runs/compare-{args.preset}"), models, args.n,
-                           args.posterior, args.data_root, args.features, args.device, not args.no_progress, command,
-                           minutes=args.minutes, lr_sweep=args.lr_sweep, lr_from=args.lr_from, sweep_n=args.sweep_n)
-    except DataError as err:
-        raise UserError(str(err)) from err
-    print(table)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from testpaths import ROOT
 
 from serving.local.launcher import SUMMARY_METRICS_ARGS, build_parser
 from serving.local.triton_env import LOCAL_TRITON_NGC_TAG, LOCAL_TRITON_VERSION
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from testpaths import ROOT
 
 import export
 import serving
@@ -19,7 +20,6 @@ import training
 from training.cli import command
 from training.errors import KaemError, UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 # Exceptions that are not user errors by design: the launcher's SIGTERM signal-to-exception bridge.
 NOT_USER_ERRORS = {"serving.local.launcher._Stop"}
 

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from testpaths import ROOT
+
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
@@ -40,6 +41,6 @@ def test_benchmarks_never_import_the_tests() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("tests", "conftest")
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("tests", "conftest", "testpaths")
                           or n.split(".")[0].endswith("_fixtures")]
     assert offenders == []

@@ -7,9 +7,9 @@ import math
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from testpaths import ROOT
+
 MODELS = ("KAEM eager", "KAEM ORT", "latent EBM", "VAE")
 # Table rows: "<model> <batch> <ms/batch> <images/s> <calls>"; the model label may hold a space.
 ROW = re.compile(r"^(KAEM eager|KAEM prior|KAEM ORT|latent EBM|VAE)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\d+)\s*$")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from testpaths import ROOT
 
 from training.checkpoint import load_checkpoint
 from training.config import get_preset, with_overrides
 from training.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from testpaths import ROOT
 
 from export.toy_model import TOY_MODEL, build_toy_repository
 from serving import client
 from serving.local.launcher import LocalTriton, free_ports
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _size_mb(path: Path) -> float:

@@ -6,9 +6,9 @@ import math
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from testpaths import ROOT
+
 ESTIMATORS = ("is", "is_ula", "ula", "mala", "thermo(N_t=2)", "thermo(N_t=5)", "thermo(N_t=10)")
 
 

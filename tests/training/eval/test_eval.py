@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from testpaths import ROOT
 from torch import nn
 
 from training.cli.evaluate import main
@@ -33,7 +34,6 @@ from training.eval.features import (
 )
 from training.model.kaem import to_uint8_nhwc
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from testpaths import ROOT
 
 from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, ModelContract
 from export.to_onnx import contract_for, export_checkpoint, ort_session
@@ -21,8 +22,6 @@ from training.config import get_preset, with_overrides
 from training.model.kaem import KAEM
 from training.sample import sample_images, u_for_model
 from training.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testpaths import ROOT
 
 from export.contract import INPUT_U, OUTPUT_IMAGES
 from export.to_onnx import contract_for, export_graph
@@ -17,7 +18,6 @@ from training.checkpoint import load_model
 from training.sample import sample_images, u_for_model
 
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "kaem_fmnist.pt"
 NATIVE_BACKENDS = Path("/opt/tritonserver/backends")  # the NGC image's native backends (Dockerfile)
 

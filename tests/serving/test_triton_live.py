@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
+from testpaths import ROOT
 from tritonclient.utils import InferenceServerException
 
 from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, ContractError
@@ -38,7 +39,6 @@ from training.uniforms import U_EPS
 
 pytestmark = pytest.mark.triton
 
-ROOT = Path(__file__).resolve().parent.parent
 WRONG = "kaem_wrong_contract"
 D = TOY_CONTRACT.u_dim
 

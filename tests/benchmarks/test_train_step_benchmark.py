@@ -7,11 +7,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from testpaths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 ROW = r"^  ({names})\b.*?([\d.]+) ms\s+(\d+) img/s\s+((?:\s*[\d.]+x \w+)+)$"
 
 

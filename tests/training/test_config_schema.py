@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from testpaths import FIXTURES
 
 from training.checkpoint import CheckpointError, config_of
 from training.config import SCHEMA_VERSION, KAEMConfig, get_preset, migrate
@@ -17,7 +17,6 @@ from training.errors import ConfigError
 from training.model.kaem import KAEM
 from training.sample import sample_images
 
-FIXTURES = Path(__file__).parent / "fixtures"
 V1 = json.loads((FIXTURES / "config_v1_fmnist.json").read_text())
 # Recorded with the code of schema 1 (commit 42ff555): the initial parameters of KAEM(config) and its
 # images for seeds 0-15.

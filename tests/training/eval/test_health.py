@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from testpaths import SHIPPED_CHECKPOINT
 
 from training.config import get_preset, with_overrides
 from training.eval.health import (
@@ -141,7 +142,7 @@ def test_prior_structure_numbers_see_copied_energies() -> None:
 def test_shipped_default_model_is_not_flagged() -> None:
     from training.checkpoint import load_model
 
-    model, ckpt = load_model(Path(__file__).resolve().parents[1] / "checkpoints" / "kaem_fmnist.pt")
+    model, ckpt = load_model(SHIPPED_CHECKPOINT)
     health = latent_health(model)
     assert health.warnings() == [], health.warnings()
     # The targets for the default model (docs/model_card.md has the measured values).

@@ -16,6 +16,7 @@ import pytest
 import torch
 from data_fixtures import TEST_READERS, write_celeba, write_cifar10, write_svhn
 from sklearn.datasets import load_digits
+from testpaths import ROOT
 
 from training.checkpoint import load_checkpoint
 from training.config import get_preset, with_overrides
@@ -26,7 +27,6 @@ from training.model.prior import gauss_legendre
 from training.train import train
 from training.uniforms import step_generator
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = get_preset("digits")
 LANGEVIN = ("ula", "mala", "thermo")
 

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from testpaths import SHIPPED_CHECKPOINT
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -29,7 +30,7 @@ from training.losses import POSTERIORS
 from training.model.kaem import KAEM
 from training.sample import u_for_model
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "kaem_fmnist.pt"
+CHECKPOINT = SHIPPED_CHECKPOINT
 TINY = float(np.finfo(np.float32).tiny)
 FAR = (50.0, -50.0, 1e3, -1e3)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from testpaths import ROOT
 
 from training.checkpoint import load_model
 from training.config import get_preset, with_model, with_overrides
@@ -20,9 +21,6 @@ from training.model.baselines import VAE, LatentEBM, standard_normal
 from training.model.registry import build_model
 from training.sample import sample_images
 from training.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -127,6 +127,7 @@ def test_kaem_compare_trains_scores_and_reuses(tmp_path: Path) -> None:
     assert (tmp_path / "cmp" / "kaem" / "ckpt-0000004.pt").stat().st_mtime == mtime
 
 
+@pytest.mark.slow
 def test_kaem_compare_at_equal_wall_clock_with_lr_sweep(tmp_path: Path) -> None:
     from training.cli import compare as compare_cli
     from training.eval import features

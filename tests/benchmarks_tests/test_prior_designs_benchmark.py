@@ -13,6 +13,7 @@ from testpaths import ROOT
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.slow
 def test_prior_designs_screen_quick(tmp_path: Path) -> None:
     if not (ROOT / "data" / "FashionMNIST" / "raw").is_dir():
         pytest.skip("Fashion-MNIST not installed (make setup installs it)")

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from testpaths import ROOT
 
 MODELS = ("KAEM eager", "KAEM ORT", "latent EBM", "VAE")
@@ -15,6 +16,7 @@ MODELS = ("KAEM eager", "KAEM ORT", "latent EBM", "VAE")
 ROW = re.compile(r"^(KAEM eager|KAEM prior|KAEM ORT|latent EBM|VAE)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\d+)\s*$")
 
 
+@pytest.mark.slow
 def test_sampling_benchmark_quick() -> None:
     proc = subprocess.run(
         [sys.executable, "benchmarks/sampling.py", "--quick"],

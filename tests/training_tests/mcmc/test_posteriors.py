@@ -131,6 +131,7 @@ def _colour_files(name: str, root: Path) -> None:
         write_celeba(root, faces, partition=[0, 0, 0, 0, 1, 2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("preset", "kind"), [("svhn", "thermo"), ("cifar10", "ula"), ("celeba", "ula")])
 def test_colour_presets_train_a_few_steps_on_synthetic_files(preset: str, kind: str, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:

@@ -108,6 +108,7 @@ def test_committed_default_config_is_reproduced() -> None:
     assert (ROOT / "model_repository" / "kaem_fmnist" / "1" / ".gitkeep").exists()
 
 
+@pytest.mark.slow
 def test_script_invocation_and_user_errors(digits_ckpt: Path, tmp_path: Path) -> None:
     script = ROOT / "export" / "to_onnx.py"
     r = subprocess.run([sys.executable, str(script), "--checkpoint", str(digits_ckpt), "--model-repository",
@@ -126,7 +127,7 @@ def test_script_invocation_and_user_errors(digits_ckpt: Path, tmp_path: Path) ->
     bad = subprocess.run([sys.executable, str(script), "--checkpoint", str(digits_ckpt), "--model-repository",
                           str(blocker / "repo")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
-    assert bad.stderr.startswith("error: cannot install the model under") and str(blocker) in bad.stderr
+    assert "error: cannot install the model under" in bad.stderr and str(blocker) in bad.stderr
 
 
 def test_fp16_export_is_its_own_model_and_within_one_grey_level(tmp_path: Path) -> None:

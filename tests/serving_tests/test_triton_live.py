@@ -270,6 +270,7 @@ def test_benchmark_quick_mode(server, repo):
 
 
 
+@pytest.mark.slow
 def test_batching_sweep_quick(repo, tmp_path, capsys):
     # benchmarks/batching_sweep.py serves every dynamic-batching candidate with a real server and measures it
     # with perf_analyzer; the quick mode: delays 0 and 100 µs (the shipped default among them), concurrency 1, 4.

@@ -145,7 +145,7 @@ def test_cli_train_then_sample_and_plot(tmp_path: Path) -> None:
              "--samples", "16")
     assert r.returncode == 0, r.stderr
     assert (run / "samples.png").stat().st_size > 0
-    r = _run("training.sample", "--checkpoint", str(run), "--seeds", "0-3,10", "--out", str(tmp_path / "g.png"),
+    r = _run("training.cli.sample", "--checkpoint", str(run), "--seeds", "0-3,10", "--out", str(tmp_path / "g.png"),
              "--out-dir", str(tmp_path / "each"))
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [
@@ -156,6 +156,7 @@ def test_cli_train_then_sample_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "p.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("posterior", ["is", "mala"])
 def test_ddp_two_ranks_stay_in_sync(tmp_path: Path, posterior: str) -> None:
     """torchrun with 2 gloo processes on the same code; the loop verifies replicas before saving.

@@ -139,6 +139,7 @@ def test_dry_run_prints_resolved_config() -> None:
     assert cfg["train"]["steps"] == 7 and cfg["prior"]["P"] == 20 and cfg["prior"]["Q"] == 41
 
 
+@pytest.mark.slow
 def test_cli_train_then_sample_and_plot(tmp_path: Path) -> None:
     run = tmp_path / "run"
     r = _run("training.train", "--preset", "digits", "--steps", "20", "--out", str(run), "--no-progress",

@@ -164,7 +164,27 @@ def _ridge_solve(design: Tensor, target: Tensor, ridge: float) -> Tensor:
     return torch.linalg.solve(gram + ridge * eye, design.transpose(-1, -2) @ target)
 
 
-class EnergyBank(nn.Module):
+class _SplineFunctions(nn.Module):
+    """What the prior's bank and the decoder's layer share: univariate functions φ(x) = w_base·b(x) +
+    w_sp·Σ_g c_g B_g(x) indexed by ``shape``, a basis with one grid per index of ``grid_shape`` (the bank: a grid
+    per function; a layer: a grid per input, shared by its outputs), and their initialisation (docs/design.md
+    §2.2; the random draws in this order, so a seed gives the same weights as before the two shared it)."""
+
+    def __init__(self, shape: tuple[int, ...], grid_shape: tuple[int, ...], basis: str, size: int,
+                 domain: tuple[float, float], base_act: str, fan_in: int, fan_out: int, eps_scale: float,
+                 gen: torch.Generator):
+        super().__init__()
+        self.basis = Basis(basis, size, grid_shape, domain)
+        self.act = base_activation(base_act)
+        self.use_base = basis != "cheby" and base_act != "none"
+        glorot = _glorot_normal(*shape, fan_in=fan_in, fan_out=fan_out, gen=gen)
+        scale = 1.0 / math.sqrt(fan_in) + (2 * torch.randn(*shape, generator=gen) - 1) / math.sqrt(fan_in)
+        self.w_base = nn.Parameter(glorot * scale)
+        self.w_sp = nn.Parameter(_glorot_normal(*shape, fan_in=fan_in, fan_out=fan_out, gen=gen))
+        self.coef = nn.Parameter(_init_coef(self.basis, shape, fan_in, fan_out, eps_scale, gen))
+
+
+class EnergyBank(_SplineFunctions):
     """Independent univariate functions φ_e(x) = w_base·b(x) + w_sp·Σ_g c_g B_g(x), e ∈ ``shape``.
 
     The prior uses shape ``(Q, P)``: ``forward(z[..., Q, P]) -> f[..., Q, P]`` with f_{q,p}
@@ -173,15 +193,7 @@ class EnergyBank(nn.Module):
 
     def __init__(self, shape: tuple[int, ...], basis: str, size: int, domain: tuple[float, float],
                  base_act: str, fan_in: int, fan_out: int, eps_scale: float, gen: torch.Generator):
-        super().__init__()
-        self.basis = Basis(basis, size, shape, domain)
-        self.act = base_activation(base_act)
-        self.use_base = basis != "cheby" and base_act != "none"
-        glorot = _glorot_normal(*shape, fan_in=fan_in, fan_out=fan_out, gen=gen)
-        scale = 1.0 / math.sqrt(fan_in) + (2 * torch.randn(*shape, generator=gen) - 1) / math.sqrt(fan_in)
-        self.w_base = nn.Parameter(glorot * scale)
-        self.w_sp = nn.Parameter(_glorot_normal(*shape, fan_in=fan_in, fan_out=fan_out, gen=gen))
-        self.coef = nn.Parameter(_init_coef(self.basis, shape, fan_in, fan_out, eps_scale, gen))
+        super().__init__(shape, shape, basis, size, domain, base_act, fan_in, fan_out, eps_scale, gen)
 
     def spline(self, x: Tensor) -> Tensor:
         return (self.basis(x) * self.coef).sum(-1)
@@ -238,20 +250,12 @@ def _init_coef(basis: Basis, coef_shape: tuple[int, ...], fan_in: int, fan_out: 
     return coef.transpose(-1, -2).reshape(*coef_shape, basis.n_basis)
 
 
-class KANLayer(nn.Module):
+class KANLayer(_SplineFunctions):
     """A KAN layer y_o = Σ_i φ_{i,o}(x_i) with a grid per input i (decoder; docs/design.md §2)."""
 
     def __init__(self, n_in: int, n_out: int, basis: str, size: int, domain: tuple[float, float],
                  base_act: str, gen: torch.Generator, eps_scale: float = 1.0):
-        super().__init__()
-        self.basis = Basis(basis, size, (n_in,), domain)
-        self.act = base_activation(base_act)
-        self.use_base = basis != "cheby" and base_act != "none"
-        glorot = _glorot_normal(n_in, n_out, fan_in=n_in, fan_out=n_out, gen=gen)
-        scale = 1.0 / math.sqrt(n_in) + (2 * torch.randn(n_in, n_out, generator=gen) - 1) / math.sqrt(n_in)
-        self.w_base = nn.Parameter(glorot * scale)
-        self.w_sp = nn.Parameter(_glorot_normal(n_in, n_out, fan_in=n_in, fan_out=n_out, gen=gen))
-        self.coef = nn.Parameter(_init_coef(self.basis, (n_in, n_out), n_in, n_out, eps_scale, gen))
+        super().__init__((n_in, n_out), (n_in,), basis, size, domain, base_act, n_in, n_out, eps_scale, gen)
 
     def weight(self) -> Tensor:
         """The spline part as one matrix [I·K, O]: (coef · w_sp) with row i·K + k, so that the layer is a

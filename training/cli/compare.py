@@ -1,4 +1,4 @@
-"""``compare`` command: the parser and a thin ``main`` over :mod:`training.compare`."""
+"""``kaem-compare``: the parser and a thin ``main`` over :mod:`training.compare`."""
 
 from __future__ import annotations
 

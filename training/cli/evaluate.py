@@ -1,4 +1,4 @@
-"""``evaluate`` command: the parser and a thin ``main`` over :mod:`training.eval.evaluate`."""
+"""``kaem-eval``: the parser and a thin ``main`` over :mod:`training.eval.evaluate`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``features`` command: the parser and a thin ``main`` over :mod:`training.eval.features`."""
+"""``kaem-train-features``: the parser and a thin ``main`` over :mod:`training.eval.features`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``plot_prior`` command: the parser and a thin ``main`` over :mod:`training.eval.plot_prior`."""
+"""``kaem-plot-prior``: the parser and a thin ``main`` over :mod:`training.eval.plot_prior`."""
 
 from __future__ import annotations
 

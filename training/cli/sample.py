@@ -1,4 +1,4 @@
-"""``sample`` command: the parser and a thin ``main`` over :mod:`training.sample`."""
+"""``kaem-sample``: the parser and a thin ``main`` over :mod:`training.sample`."""
 
 from __future__ import annotations
 

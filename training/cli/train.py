@@ -1,4 +1,4 @@
-"""``train`` command: the parser and a thin ``main`` over :mod:`training.train`."""
+"""``kaem-train``: the parser and a thin ``main`` over :mod:`training.train`."""
 
 from __future__ import annotations
 

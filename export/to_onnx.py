@@ -29,7 +29,7 @@ from export.contract import (
     ModelContract,
 )
 from export.module import ExportError, ServedGenerator
-from export.triton_config import version_dirs, write_config
+from export.triton_config import render_config, version_dirs, write_config
 from training.checkpoint import load_model
 from training.cli import HelpFormatter, UserError, command
 from training.eval.health import LatentHealth, latent_health
@@ -202,8 +202,6 @@ def publish(onnx_file: Path, config_text: str, model_dir: Path, keep_versions: i
 def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "model_repository",
                       model_name: str = DEFAULT_MODEL_NAME, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                       opset: int = DEFAULT_OPSET, keep_versions: int = 2, precision: str = "fp32") -> ExportReport:
-    from export.triton_config import render_config
-
     model, ckpt = load_model(checkpoint, kaem_only=True)
     contract = contract_for(model, precision)
     health = latent_health(model)

@@ -3,8 +3,9 @@
 Library code raises a domain subclass of :class:`KaemError` for anything caused by inputs, files, data or the
 environment (never a bare ``ValueError``/``KeyError``, which mean a bug here); every command runs under
 :func:`training.cli.command`, which prints ``error: <message>`` and exits with code 2 for a ``KaemError`` and
-lets anything else show its traceback. Domain classes live next to the code that raises them (a
-``CheckpointError`` in training/checkpoint.py, a ``ServingError`` in serving/client.py, ...).
+lets anything else show its traceback. The errors of several modules (config, training, evaluation) are
+defined here; the others live next to the one module that raises them (``CheckpointError`` in
+training/checkpoint.py, ``ServingError`` in serving/client.py, ...).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ MODULES = {
     "onnxruntime": "onnxruntime", "nvidia-pytriton": "pytriton", "tritonclient": "tritonclient.grpc",
     "prometheus-client": "prometheus_client", "pytest": "pytest", "ruff": "ruff", "torchmetrics": "torchmetrics",
     "torch-fidelity": "torch_fidelity", "import-linter": "importlinter",
-    "kubernetes-validate": "kubernetes_validate", "pyyaml": "yaml",
+    "kubernetes-validate": "kubernetes_validate", "pyyaml": "yaml", "promql-parser": "promql_parser",
 }
 
 

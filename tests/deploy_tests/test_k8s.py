@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from deploy_tests.ops_tools import TOOLS, built_once
 from testpaths import ROOT
-
-from serving.local.triton_env import cache_dir
 
 K8S = ROOT / "deploy" / "k8s"
 BIN = Path(sys.executable).parent
@@ -94,19 +92,16 @@ def test_hpa_scales_on_the_metric_the_adapter_exposes(rendered: dict[str, dict])
     assert "nv_inference_queue_duration_us" in query and "nv_inference_request_success" in query
 
 
+def _install_checkov(venv: Path) -> None:
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                          "--disable-pip-version-check", CHECKOV], capture_output=True, text=True, timeout=900)
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+
+
 def _checkov() -> Path:
-    """The checkov executable of a tool venv under .cache, built on first use. A venv's scripts hold absolute
-    paths, so it is built in place; a marker written last tells a finished venv from an interrupted one."""
-    venv = cache_dir() / "tools" / CHECKOV.replace("==", "-")
-    done = venv / ".complete"
-    if not done.is_file():
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-        pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
-                              "--disable-pip-version-check", CHECKOV], capture_output=True, text=True, timeout=900)
-        assert pip.returncode == 0, pip.stdout + pip.stderr
-        done.touch()
-    return venv / "bin" / "checkov"
+    """The checkov executable of its own venv under .cache/tools, built on first use."""
+    return built_once(TOOLS / CHECKOV.replace("==", "-"), _install_checkov) / "bin" / "checkov"
 
 
 def test_checkov_passes_the_rendered_bundle_with_justified_skips(tmp_path: Path) -> None:

@@ -329,14 +329,6 @@ def mala_initial_step(cfg: PosteriorConfig) -> float:
     return math.sqrt(2.0 * cfg.step_size)
 
 
-def mala_settings(cfg: PosteriorConfig) -> samplers.MALASettings:
-    return samplers.MALASettings(
-        n_steps=cfg.langevin_steps, eta_min=cfg.eta_min, eta_max=cfg.eta_max, n_unadjusted=cfg.mala_unadjusted,
-        target_accept=cfg.mala_target_accept, reversibility_tol=cfg.reversibility_tol,
-        precondition=cfg.mala_precondition,
-    )
-
-
 def mala_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
               ctx: StepContext | None = None) -> LossOutput:
     """MALA posterior chains with per-chain autoMALA step sizes; η_init comes from the previous
@@ -356,7 +348,7 @@ def mala_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig
         return lambda z: log_prior(z) + lik(z)
 
     with record_function("kaem.langevin"):
-        res = samplers.mala(lambda z: log_prior(z) + log_lik(z), z0, eta0.to(dev), gen, mala_settings(cfg),
+        res = samplers.mala(lambda z: log_prior(z) + log_lik(z), z0, eta0.to(dev), gen, samplers.MALASettings.of(cfg),
                             restrict)
     with record_function("kaem.decoder"):
         ell = noisy_loglik(model, x, res.z, gen, cfg)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -74,14 +74,22 @@ def ula(log_target: LogTarget, z0: Tensor, step_size: float, n_steps: int, gen: 
 
 @dataclass(frozen=True)
 class MALASettings:
-    n_steps: int = 40
-    eta_min: float = 1e-5
-    eta_max: float = 10.0
+    """The MALA fields of a posterior config, under the config's own names (:meth:`of` copies them by name:
+    one set of defaults, in training.config.PosteriorConfig), plus the search's step factor."""
+
+    langevin_steps: int  # iterations
+    eta_min: float
+    eta_max: float
+    mala_unadjusted: int  # first iterations: plain leapfrog moves, no search and no MH test
+    mala_target_accept: float  # carry-over: η_init ×Δη above this acceptance rate, ÷Δη below
+    reversibility_tol: float  # relative tolerance of the η and position reversibility check
+    mala_precondition: bool  # diagonal preconditioner from the chains' spread
     factor: float = 2.0  # Δη: the search multiplies or divides η by this
-    n_unadjusted: int = 2  # first iterations: plain leapfrog moves, no search and no MH test
-    target_accept: float = 0.574  # carry-over: η_init ×Δη above this acceptance rate, ÷Δη below
-    reversibility_tol: float = 1e-3  # relative tolerance of the η and position reversibility check
-    precondition: bool = True  # diagonal preconditioner from the chains' spread
+
+    @classmethod
+    def of(cls, posterior: object) -> MALASettings:
+        """The settings of a ``PosteriorConfig`` (any object with these attributes)."""
+        return cls(**{f.name: getattr(posterior, f.name) for f in fields(cls) if f.name != "factor"})
 
     @property
     def max_search(self) -> int:
@@ -244,12 +252,12 @@ def mala(log_target: LogTarget, z0: Tensor, eta_init: Tensor, gen: torch.Generat
     eta_sum = torch.zeros(C, device=z.device, dtype=z.dtype)
     n_acc = torch.zeros_like(eta_sum)
     n_adj, n_rev, n_evals = 0, 0.0, 0.0
-    for i in range(s.n_steps):
-        inv_sqrt_m = preconditioner(z, gen, first=i == 0, enabled=s.precondition)
+    for i in range(s.langevin_steps):
+        inv_sqrt_m = preconditioner(z, gen, first=i == 0, enabled=s.mala_precondition)
         p = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
         ab = torch.rand(2, C, generator=gen, device=z.device, dtype=z.dtype)
         log_u = torch.rand(C, generator=gen, device=z.device, dtype=z.dtype).log()
-        if i < s.n_unadjusted:  # plain leapfrog move at η_init, no test (non-finite moves undone)
+        if i < s.mala_unadjusted:  # plain leapfrog move at η_init, no test (non-finite moves undone)
             prop = leapfrog(log_target, z, p, lp, g, eta_init, inv_sqrt_m)
             accept = torch.isfinite(prop.lp) & torch.isfinite(_chain_sum(prop.z))
         else:
@@ -266,7 +274,7 @@ def mala(log_target: LogTarget, z0: Tensor, eta_init: Tensor, gen: torch.Generat
         g = torch.where(_per_chain(accept, g), prop.g, g)
     eta_mean = torch.where(n_acc > 0, eta_sum / n_acc.clamp_min(1), eta_init).clamp(s.eta_min, s.eta_max)
     rate = n_acc / max(n_adj, 1)
-    eta_next = torch.where(rate > s.target_accept, eta_mean * s.factor, eta_mean / s.factor)
+    eta_next = torch.where(rate > s.mala_target_accept, eta_mean * s.factor, eta_mean / s.factor)
     return MALAResult(
         z=z, eta_next=eta_next.clamp(s.eta_min, s.eta_max), eta_mean=eta_mean, accept_rate=rate,
         reversible_rate=n_rev / max(n_adj, 1), search_evals=n_evals / max(n_adj, 1),

@@ -183,6 +183,23 @@ class _SplineFunctions(nn.Module):
         self.w_sp = nn.Parameter(_glorot_normal(*shape, fan_in=fan_in, fan_out=fan_out, gen=gen))
         self.coef = nn.Parameter(_init_coef(self.basis, shape, fan_in, fan_out, eps_scale, gen))
 
+    @torch.no_grad()
+    def refit_grid(self, samples: Tensor, ridge: float = 1e-4) -> None:
+        """RBF only: move the grids to the samples (docs/design.md §2.3) and refit the coefficients by ridge
+        least squares so that every function keeps its spline values there. The layout-specific steps are
+        :meth:`_spline_values` and :meth:`_solve_coef` (each in its own op order: refits set training's path)."""
+        if self.basis.kind != "rbf":
+            return
+        old = self._spline_values(samples)
+        self.basis.grid.copy_(self.basis.adapted_grid(samples))
+        self.coef.copy_(self._solve_coef(self.basis(samples), old, ridge))
+
+    def _spline_values(self, samples: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _solve_coef(self, design: Tensor, old: Tensor, ridge: float) -> Tensor:
+        raise NotImplementedError
+
 
 class EnergyBank(_SplineFunctions):
     """Independent univariate functions φ_e(x) = w_base·b(x) + w_sp·Σ_g c_g B_g(x), e ∈ ``shape``.
@@ -217,15 +234,12 @@ class EnergyBank(_SplineFunctions):
         out = self.w_sp * torch.einsum("...qk,qpk->...qp", b, self.coef)
         return out + self.w_base * self.act(x).unsqueeze(-1) if self.use_base else out
 
-    @torch.no_grad()
-    def refit_grid(self, samples: Tensor, ridge: float = 1e-4) -> None:
-        """RBF only: move the grid to the samples ``[N, *shape]`` keeping the function values there."""
-        if self.basis.kind != "rbf":
-            return
-        old = self.spline(samples)  # [N, *shape]
-        self.basis.grid.copy_(self.basis.adapted_grid(samples))
-        design = self.basis(samples).movedim(0, -2)  # [*shape, N, K]
-        self.coef.copy_(_ridge_solve(design, old.movedim(0, -1).unsqueeze(-1), ridge).squeeze(-1))
+    def _spline_values(self, samples: Tensor) -> Tensor:  # samples [N, *shape] -> [N, *shape]
+        return self.spline(samples)
+
+    def _solve_coef(self, design: Tensor, old: Tensor, ridge: float) -> Tensor:
+        # one least-squares problem per function: design [*shape, N, K], targets [*shape, N, 1]
+        return _ridge_solve(design.movedim(0, -2), old.movedim(0, -1).unsqueeze(-1), ridge).squeeze(-1)
 
 
 def _init_coef(basis: Basis, coef_shape: tuple[int, ...], fan_in: int, fan_out: int, eps_scale: float,
@@ -270,12 +284,9 @@ class KANLayer(_SplineFunctions):
         y = (self.basis(x).flatten(-2).to(w.dtype) @ w).to(x.dtype)
         return y + self.act(x) @ self.w_base if self.use_base else y
 
-    @torch.no_grad()
-    def refit_grid(self, samples: Tensor, ridge: float = 1e-4) -> None:
-        """RBF only: new grid from layer inputs ``[N, I]``, keeping each φ_{i,o}'s values there."""
-        if self.basis.kind != "rbf":
-            return
-        old = torch.einsum("nik,iok->ion", self.basis(samples), self.coef)  # spline values [I, O, N]
-        self.basis.grid.copy_(self.basis.adapted_grid(samples))
-        design = self.basis(samples).permute(1, 0, 2)  # [I, N, K]
-        self.coef.copy_(_ridge_solve(design, old.transpose(1, 2), ridge).transpose(1, 2))
+    def _spline_values(self, samples: Tensor) -> Tensor:  # layer inputs [N, I] -> spline values [I, O, N]
+        return torch.einsum("nik,iok->ion", self.basis(samples), self.coef)
+
+    def _solve_coef(self, design: Tensor, old: Tensor, ridge: float) -> Tensor:
+        # one problem per input i, its O functions as right-hand sides: design [I, N, K], targets [I, N, O]
+        return _ridge_solve(design.permute(1, 0, 2), old.transpose(1, 2), ridge).transpose(1, 2)

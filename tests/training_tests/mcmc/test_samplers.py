@@ -5,10 +5,12 @@ latent model where log p(x) and every tempered posterior are known in closed for
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+from training.config import PosteriorConfig
 from training.mcmc import samplers
 from training.mcmc.samplers import MALASettings
 
@@ -25,6 +27,11 @@ def gaussian_target(z: torch.Tensor) -> torch.Tensor:
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def _settings(**changes: object) -> MALASettings:
+    """MALA settings of the default posterior config with ``changes`` (the config holds the one set of defaults)."""
+    return MALASettings.of(replace(PosteriorConfig(), **changes))
 
 
 def test_ula_recovers_gaussian_mean_and_variance() -> None:
@@ -45,7 +52,7 @@ def test_mala_recovers_gaussian_where_ula_at_the_same_step_is_biased() -> None:
     z0 = torch.randn(n, 2, generator=_gen(2))
     z_ula = samplers.ula(gaussian_target, z0, 0.3, 300, _gen(3))
     assert z_ula.var(0)[0] / SD[0] ** 2 > 1.3
-    res = samplers.mala(gaussian_target, z0, torch.full((n,), 0.3), _gen(3), MALASettings(n_steps=150))
+    res = samplers.mala(gaussian_target, z0, torch.full((n,), 0.3), _gen(3), _settings(langevin_steps=150))
     assert torch.allclose(res.z.mean(0), MU, atol=4 * 1.2 / math.sqrt(n) * 2)  # 2× for chain autocorrelation
     assert torch.allclose(res.z.var(0) / SD**2, torch.ones(2), atol=0.1)
     # Acceptance with uniformly drawn (a, b) bands lands well inside (0, 1): measured 0.77.
@@ -68,7 +75,7 @@ def _search(target, z: torch.Tensor, eta0: float, s: MALASettings, seed: int = 0
 
 
 def test_step_size_search_terminates_within_bounds() -> None:
-    s = MALASettings(eta_min=1e-4, eta_max=10.0)
+    s = _settings(eta_min=1e-4, eta_max=10.0)
     z = torch.randn(64, 3, generator=_gen(4))
     # Flat target: every move is "too easy" (log r = 0), so η doubles until it would leave η_max.
     eta, prop, evals = _search(lambda z: (0 * z).sum(1), z, 0.5, s)
@@ -84,7 +91,7 @@ def test_step_size_search_terminates_within_bounds() -> None:
 
 
 def test_step_size_search_lands_in_band_on_a_gaussian() -> None:
-    s = MALASettings()
+    s = _settings()
     z = torch.randn(256, 2, generator=_gen(5))
     eta, prop, _ = _search(gaussian_target, z, 1e-3, s)  # far too small a start: must grow
     crit = -prop.log_r.abs()
@@ -105,7 +112,7 @@ def test_reversibility_check_rejects_an_irreversible_move() -> None:
         shift = 5.0 if calls["n"] > switch_after["n"] else 0.0
         return -0.5 * ((z - shift) ** 2).sum(1)
 
-    s = MALASettings()
+    s = _settings()
     C = 32
     z = torch.randn(C, 2, generator=_gen(6))
     lp, g = samplers.value_and_grad(moody, z)
@@ -276,7 +283,7 @@ def test_same_seed_gives_the_same_chains_bit_for_bit() -> None:
 
     def run() -> tuple[torch.Tensor, ...]:
         a = samplers.ula(gaussian_target, z0[0], 0.05, 30, _gen(11))
-        b = samplers.mala(gaussian_target, z0[0], torch.full((50,), 0.1), _gen(11), MALASettings(n_steps=10))
+        b = samplers.mala(gaussian_target, z0[0], torch.full((50,), 0.1), _gen(11), _settings(langevin_steps=10))
         c = samplers.anneal_populations(m.log_prior, m.log_lik, z0, torch.tensor([0.3, 0.6, 1.0]), 0.01, 30,
                                         _gen(11))
         return a, b.z, b.eta_next, c.z
@@ -302,7 +309,7 @@ def test_restricted_search_gives_the_same_chains_with_less_work() -> None:
         return log_target
 
     z0 = torch.randn(C, 3, generator=_gen(14))
-    s = MALASettings(n_steps=12)
+    s = _settings(langevin_steps=12)
     full = samplers.mala(target_of(centres), z0, torch.full((C,), 0.05), _gen(15), s)
     rows_full, evaluated["rows"] = evaluated["rows"], 0
     part = samplers.mala(target_of(centres), z0, torch.full((C,), 0.05), _gen(15), s,

@@ -22,10 +22,14 @@ EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python3", "-c", "import sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2); sys.exit(r.status != 200)"]
 
-# Serve exactly the rendered config (no auto-completion), with p50/p90/p99 latency summaries.
+# Serve exactly the rendered config (no auto-completion), with p50/p90/p99 latency summaries, drain for 5 s on
+# SIGTERM, load the baked repository once: serving/local/launcher.py SERVING_ARGS + model_control_args("none"),
+# the same flags `kaem-serve` passes (tests/test_dockerfile.py). A repository on a volume or object storage that
+# should pick up exports and rollbacks: --model-control-mode=poll --repository-poll-secs=N.
 CMD ["tritonserver", \
      "--model-repository=/models", \
      "--disable-auto-complete-config", \
      "--exit-timeout-secs=5", \
      "--metrics-config=summary_latencies=true", \
-     "--metrics-config=summary_quantiles=0.5:0.05,0.9:0.01,0.99:0.001"]
+     "--metrics-config=summary_quantiles=0.5:0.05,0.9:0.01,0.99:0.001", \
+     "--model-control-mode=none"]

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,16 @@ from export.contract import (
     ModelContract,
 )
 from export.module import ExportError, ServedGenerator
-from export.triton_config import render_config, version_dirs, write_config
+from export.triton_config import (
+    SHA256_KEY,
+    TritonConfigError,
+    file_sha256,
+    parse_config,
+    recorded_sha256,
+    render_config,
+    version_dirs,
+    write_config,
+)
 from training.checkpoint import load_model
 from training.cli import HelpFormatter, UserError, command
 from training.eval.health import LatentHealth, latent_health
@@ -178,25 +189,64 @@ def _versions(model_dir: Path) -> list[int]:
     return [int(p.name) for p in version_dirs(model_dir)]
 
 
-def publish(onnx_file: Path, config_text: str, model_dir: Path, keep_versions: int) -> int:
+def publish(onnx_file: Path, render: Callable[[Mapping[int, str]], str], model_dir: Path, keep_versions: int) -> int:
     """Install the graph as the next version: written elsewhere, then renamed into place, so a
-    running server (polling the repository) never sees a half-written model."""
+    running server (polling the repository) never sees a half-written model. ``render`` makes the config from
+    {version: sha256 of its model.onnx} of the versions kept (recorded for the launcher's integrity check)."""
     model_dir.mkdir(parents=True, exist_ok=True)
+    recorded = _recorded(model_dir)
     version = max(_versions(model_dir), default=0) + 1
     target = model_dir / str(version)
+    digest = file_sha256(onnx_file)
     if target.exists():  # an empty placeholder (e.g. version 1 with .gitkeep): rename the file in
         atomic_write_bytes(target / "model.onnx", onnx_file.read_bytes())
     else:
         staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=model_dir))
         shutil.copyfile(onnx_file, staging / "model.onnx")
         os.replace(staging, target)
-    write_config(model_dir, config_text)
     for old in _versions(model_dir)[:-keep_versions]:
         shutil.rmtree(model_dir / str(old))
         (model_dir / str(old)).mkdir()  # keep the numbered placeholder so a committed .gitkeep survives
         if old == 1:
             (model_dir / "1" / ".gitkeep").touch()
+    kept = {v: d for v, d in recorded.items() if v in _versions(model_dir)}
+    write_config(model_dir, render({**kept, version: digest}))
     return version
+
+
+def _recorded(model_dir: Path) -> dict[int, str]:
+    config = model_dir / "config.pbtxt"
+    try:
+        return recorded_sha256(parse_config(config.read_text())) if config.is_file() else {}
+    except TritonConfigError:
+        return {}  # a broken config is replaced below; its versions keep no recorded digest
+
+
+def rollback(model_dir: Path) -> tuple[int, int]:
+    """Remove the newest version of a model (its folder and its recorded sha256), so that a server polling the
+    repository serves the previous one again; returns (removed, now served). At least two versions must hold a
+    model (kaem-export keeps two by default)."""
+    versions = _versions(model_dir)
+    if len(versions) < 2:
+        raise ExportError(f"{model_dir} holds {len(versions)} version(s) with a model.onnx: nothing to roll back to "
+                          "(kaem-export --keep-versions N keeps the older ones)")
+    newest, previous = versions[-1], versions[-2]
+    config = model_dir / "config.pbtxt"
+    text = config.read_text()
+    key = SHA256_KEY.format(version=newest)
+    # the rendered layout of one parameter (export/triton_config.render_config), with its separator
+    block = re.compile(r'  \{\n    key: "' + re.escape(key)
+                       + r'"\n    value: \{ string_value: "[0-9a-f]{64}" \}\n  \}(,\n)?')
+    kept = block.sub("", text, count=1).replace(",\n]\n", "\n]\n")
+    aside = model_dir / f".rollback-{newest}"
+    os.replace(model_dir / str(newest), aside)  # gone at once for a polling server
+    shutil.rmtree(aside)
+    if newest == 1:
+        (model_dir / "1").mkdir()
+        (model_dir / "1" / ".gitkeep").touch()
+    if kept != text:
+        write_config(model_dir, kept)
+    return newest, previous
 
 
 def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "model_repository",
@@ -214,10 +264,10 @@ def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "mo
         mean_diff, px_diff = check_parity(model, sess, (1, 64, 256), precision)
         ms = ort_ms_per_image(sess, contract.u_dim)
         size = path.stat().st_size
-        config = render_config(model_name, contract, max_batch_size=max_batch_size)
         model_dir = Path(model_repository) / model_name
         try:
-            version = publish(path, config, model_dir, keep_versions)
+            version = publish(path, lambda shas: render_config(model_name, contract, max_batch_size=max_batch_size,
+                                                               model_sha256=shas), model_dir, keep_versions)
         except OSError as err:  # an uncreatable or read-only repository, a full disk
             raise ExportError(f"cannot install the model under {model_dir}: {err.strerror or err}"
                               f"{f' ({err.filename})' if err.filename else ''}") from err
@@ -232,7 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
         "UINT8 and mean FP32) and install it with its config.pbtxt in a Triton model repository.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="a ckpt-*.pt file or a run directory (latest checkpoint)")
+    p.add_argument("--checkpoint", help="a ckpt-*.pt file or a run directory (latest checkpoint); required unless "
+                   "--rollback")
+    p.add_argument("--rollback", action="store_true",
+                   help="instead of exporting: remove the newest version of --model-name in --model-repository (its "
+                   "folder and recorded sha256), so that a server polling the repository serves the previous one")
     p.add_argument("--model-repository", default="model_repository", help="Triton model repository folder")
     p.add_argument("--model-name", default=None,
                    help=f"model name in the repository (default {DEFAULT_MODEL_NAME}; --precision fp16: "
@@ -250,6 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
 @command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.rollback:
+        if args.checkpoint:
+            raise UserError("--rollback removes a version; it takes no --checkpoint")
+        model_dir = Path(args.model_repository) / (args.model_name or DEFAULT_MODEL_NAME)
+        t0 = time.perf_counter()
+        removed, served = rollback(model_dir)
+        print(f"rolled back {model_dir}: removed version {removed}, version {served} is the newest "
+              f"({1000 * (time.perf_counter() - t0):.0f} ms; a polling server switches at its next poll)")
+        return 0
+    if not args.checkpoint:
+        raise UserError("--checkpoint is required (or --rollback)")
     if args.opset < 18:
         raise UserError("--opset must be >= 18 (the exporter and the contract are tested at 18)")
     if not 1 <= args.max_batch_size <= 65536:

@@ -7,6 +7,7 @@ Python-based ``onnxruntime`` shim that ``serving/local/launcher.py`` installs (C
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -39,6 +40,16 @@ from training.io import atomic_write_text
 # defaults' concurrency-1 p50) picked none. Re-run the sweep for a GPU deployment.
 DEFAULT_PREFERRED_BATCH_SIZES: tuple[int, ...] = ()
 DEFAULT_MAX_QUEUE_DELAY_US = 0
+# Overload control: a bounded queue whose overflow and stale requests are rejected at once (the client's
+# --retries backs off and tries again) instead of growing latency without limit. At most
+# DEFAULT_MAX_QUEUE_SIZE requests wait (one full batch of batch-1 requests: ~65 ms of work on 2 CPU cores);
+# one that has waited DEFAULT_QUEUE_TIMEOUT_US is rejected, or sooner when its own request timeout says so
+# (allow_timeout_override). CPU-tuned with benchmarks/overload.py; re-run it for a GPU deployment.
+DEFAULT_MAX_QUEUE_SIZE = 256
+DEFAULT_QUEUE_TIMEOUT_US = 1_000_000
+# Parameter key holding the sha256 of version N's model.onnx, recorded by the export (one per version kept):
+# the local launcher refuses a file that no longer matches (serving/local/launcher.py).
+SHA256_KEY = "artifact.sha256.{version}"
 
 # onnxruntime session settings: one source for both backends. The NGC image's native onnxruntime backend
 # reads these `parameters` keys (its README, "Model Config Options"), and serving/local/ort_shim.py builds its
@@ -93,6 +104,10 @@ def render_config(
     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
     session: Mapping[str, str] | None = None,
     tensorrt: bool = False,
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+    queue_timeout_us: int = DEFAULT_QUEUE_TIMEOUT_US,
+    model_sha256: Mapping[int, str] | None = None,
+    warmup: bool = True,
 ) -> str:
     """The production ``config.pbtxt`` text for ``model_name`` (deterministic, trailing newline).
 
@@ -102,13 +117,18 @@ def render_config(
     ``session``: onnxruntime session settings overriding DEFAULT_SESSION_PARAMETERS' values;
     ``tensorrt``: run the graph through onnxruntime's TensorRT execution provider on GPUs (FP32 engines, so
     images stay within a grey level of eager; engines cached next to the model). Off by default: the native
-    backend then uses the CUDA provider on GPUs and the CPU one elsewhere.
+    backend then uses the CUDA provider on GPUs and the CPU one elsewhere. ``max_queue_size`` requests at most
+    wait (0: unbounded) and one waiting ``queue_timeout_us`` (0: no limit) is rejected; ``model_sha256``:
+    {version: sha256 of its model.onnx} to record. ``warmup``: two warm-up requests (batch 1 and max_batch_size,
+    u = 0) run at every load, so the first real request after a load or a version swap is not a cold one
+    (benchmarks/model_updates.py measures both).
     """
     contract.check_compatible()
     if max_batch_size < 1:
         raise TritonConfigError(f"max_batch_size must be >= 1 (batch is dimension 0), got {max_batch_size}")
-    if max_queue_delay_us < 0:
-        raise TritonConfigError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
+    if max_queue_delay_us < 0 or max_queue_size < 0 or queue_timeout_us < 0:
+        raise TritonConfigError(f"max_queue_delay_us, max_queue_size and queue_timeout_us must be >= 0, got "
+                                f"{max_queue_delay_us}, {max_queue_size}, {queue_timeout_us}")
     preferred = sorted({int(b) for b in preferred_batch_sizes if 0 < int(b) <= max_batch_size})
     blocks = {"input": [], "output": []}
     for section, name, dtype, dims in _IO:
@@ -121,12 +141,20 @@ def render_config(
     params = ",\n".join(
         f'  {{\n    key: "{text_encoding.CEscape(k, as_utf8=True)}"\n'
         f'    value: {{ string_value: "{text_encoding.CEscape(v, as_utf8=True)}" }}\n  }}'
-        for k, v in sorted({**settings, **contract.to_metadata()}.items())
+        for k, v in sorted({**settings, **contract.to_metadata(), **_sha256_parameters(model_sha256)}.items())
     )
     inputs, outputs = ",\n".join(blocks["input"]), ",\n".join(blocks["output"])
-    batching = f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
+    batching = (f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
+                "  default_queue_policy {\n    timeout_action: REJECT\n"
+                f"    default_timeout_microseconds: {queue_timeout_us}\n    allow_timeout_override: true\n"
+                f"    max_queue_size: {max_queue_size}\n  }}\n")
     if preferred:
         batching = f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" + batching
+    warmups = "model_warmup [\n" + ",\n".join(
+        f'  {{\n    name: "u_zeros_batch_{b}"\n    batch_size: {b}\n    inputs {{\n      key: "{INPUT_U}"\n'
+        f"      value: {{ data_type: {INPUT_U_DTYPE} dims: [ {contract.u_dim} ] zero_data: true }}\n    }}\n  }}"
+        for b in sorted({1, max_batch_size})
+    ) + "\n]\n" if warmup else ""
     optimization = ""
     if tensorrt:
         optimization = (
@@ -145,9 +173,35 @@ def render_config(
         # KIND_AUTO: one instance per GPU where there are GPUs, a CPU instance otherwise.
         "instance_group [\n  {\n    kind: KIND_AUTO\n    count: 1\n  }\n]\n"
         f"dynamic_batching {{\n{batching}}}\n"
+        f"{warmups}"
         f"{optimization}"
         f"parameters [\n{params}\n]\n"
     )
+
+
+def _sha256_parameters(model_sha256: Mapping[int, str] | None) -> dict[str, str]:
+    out = {}
+    for version, digest in (model_sha256 or {}).items():
+        if not (isinstance(version, int) and version > 0 and len(digest) == 64
+                and all(c in "0123456789abcdef" for c in digest)):
+            raise TritonConfigError(f"model_sha256 needs {{version >= 1: 64 hex digits}}, got {version!r}: {digest!r}")
+        out[SHA256_KEY.format(version=version)] = digest
+    return out
+
+
+def recorded_sha256(cfg: model_config_pb2.ModelConfig) -> dict[int, str]:
+    """{version: sha256 of its model.onnx} as the export recorded them in the config's parameters."""
+    prefix = SHA256_KEY.format(version="")
+    return {int(k[len(prefix):]): p.string_value for k, p in cfg.parameters.items()
+            if k.startswith(prefix) and k[len(prefix):].isdigit()}
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def parse_config(text: str) -> model_config_pb2.ModelConfig:
@@ -249,6 +303,10 @@ def version_dirs(model_dir: str | Path, model_file: str | None = "model.onnx") -
 
 
 def write_config(model_dir: str | Path, text: str) -> Path:
-    """Write ``<model_dir>/config.pbtxt`` atomically (a running server never reads half a file)."""
+    """Write ``<model_dir>/config.pbtxt`` atomically (a running server never reads half a file), and only when
+    its bytes change: a server polling the repository reloads the model on every rewrite."""
     parse_config(text)
-    return atomic_write_text(Path(model_dir) / "config.pbtxt", text)
+    path = Path(model_dir) / "config.pbtxt"
+    if path.is_file() and path.read_bytes() == text.encode():
+        return path
+    return atomic_write_text(path, text)

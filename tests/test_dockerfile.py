@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from testpaths import ROOT
 
-from serving.local.launcher import SUMMARY_METRICS_ARGS, build_parser
+from serving.local.launcher import SERVING_ARGS, build_parser, model_control_args
 from serving.local.triton_env import LOCAL_TRITON_NGC_TAG, LOCAL_TRITON_VERSION
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -54,7 +54,8 @@ def test_image_serves_the_repository_kaem_serve_serves():
     cmd = json.loads(_one("CMD"))
     assert cmd[0] == "tritonserver" and f"--model-repository={dest.rstrip('/')}" in cmd
     assert not any(a.startswith("--backend-directory") for a in cmd)  # the image's native onnxruntime backend
-    assert set(SUMMARY_METRICS_ARGS) <= set(cmd) and "--disable-auto-complete-config" in cmd
+    # kaem-serve's flags, from one source: the launcher's SERVING_ARGS and model-control flags
+    assert cmd == ["tritonserver", f"--model-repository={dest.rstrip('/')}", *SERVING_ARGS, *model_control_args("none")]
 
 
 def test_ports_healthcheck_and_user():

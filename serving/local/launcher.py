@@ -20,13 +20,42 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from export.triton_config import DEFAULT_MODEL_FILENAME, TritonConfigError, parse_config, version_dirs
+from export.triton_config import (
+    DEFAULT_MODEL_FILENAME,
+    TritonConfigError,
+    file_sha256,
+    parse_config,
+    recorded_sha256,
+    version_dirs,
+)
 from serving.local.triton_env import TritonNotInstalled, build_backend_dir, cache_dir, server_env, triton_install
 from training.cli import command
 from training.errors import KaemError
 
 SUMMARY_METRICS_ARGS = ("--metrics-config=summary_latencies=true",
                         "--metrics-config=summary_quantiles=0.5:0.05,0.9:0.01,0.99:0.001")
+# The server flags local and production serving share, one source: the Dockerfile's CMD is `tritonserver
+# --model-repository=/models` followed by these and model_control_args("none") (tests/test_dockerfile.py).
+# Serve exactly the config on disk (no auto-completion); drain for up to 5 s on SIGTERM.
+SERVING_ARGS = ("--disable-auto-complete-config", "--exit-timeout-secs=5", *SUMMARY_METRICS_ARGS)
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+
+
+def model_control_args(mode: str, poll_secs: int = 2) -> list[str]:
+    """Triton's flags for a model-control mode: ``none`` loads the repository once (a baked image); ``poll``
+    rescans it every ``poll_secs`` (a new export or a rollback goes live without a restart); ``explicit`` loads
+    everything at start, then only what the repository API (``/v2/repository/models/<name>/load``) asks for."""
+    if mode == "none":
+        return ["--model-control-mode=none"]
+    if mode == "poll":
+        if poll_secs < 1:
+            raise LaunchError(f"--repository-poll-secs must be >= 1, got {poll_secs}")
+        return ["--model-control-mode=poll", f"--repository-poll-secs={poll_secs}"]
+    if mode == "explicit":
+        return ["--model-control-mode=explicit", "--load-model=*"]
+    raise LaunchError(f"model control mode {mode!r} is not one of {', '.join(MODEL_CONTROL_MODES)}")
+
+
 _ERROR_LINE = re.compile(r"^E\d{4} |UNAVAILABLE|failed to load|error:|Error:", re.IGNORECASE)
 
 
@@ -77,7 +106,8 @@ def _served_versions(model_dir: Path, policy) -> list[Path]:
 
 def check_repository(repo: str | Path) -> list[str]:
     """Names of the models in ``repo``; raise :class:`LaunchError` when it is missing or empty, a
-    config does not parse, or a served version folder lacks its model file."""
+    config does not parse, or a served version folder lacks its model file or holds one whose sha256 is not the
+    one its export recorded in the config."""
     repo = Path(repo)
     if not repo.is_dir():
         raise LaunchError(f"model repository {repo} does not exist: export a model first"
@@ -99,10 +129,15 @@ def check_repository(repo: str | Path) -> list[str]:
         if not versions:
             raise LaunchError(f"model {model_dir.name!r} has no numbered version folder in {model_dir}:"
                               " export the model first (python export/to_onnx.py ...)")
+        recorded = recorded_sha256(cfg)
         for v in versions:
             if filename and not (v / filename).is_file():
                 raise LaunchError(f"model {model_dir.name!r} version {v.name} has no {filename} ({v}):"
                                   " export the model first (python export/to_onnx.py ...)")
+            want = recorded.get(int(v.name))
+            if want is not None and (got := file_sha256(v / filename)) != want:
+                raise LaunchError(f"{v / filename} has sha256 {got[:16]}…, not the {want[:16]}… its export recorded in "
+                                  f"{config}: the file changed after the export (a partial copy?); export it again")
     return [m.name for m in models]
 
 
@@ -125,13 +160,15 @@ class LocalTriton:
     def __init__(self, model_repository: str | Path = "model_repository", grpc_port: int = 8001,
                  http_port: int = 8000, metrics_port: int = 8002, host: str = "127.0.0.1",
                  log_file: str | Path | None = None, backend_dir: str | Path | None = None,
-                 startup_timeout_s: float = 120.0, extra_args: Sequence[str] = ()) -> None:
+                 startup_timeout_s: float = 120.0, extra_args: Sequence[str] = (),
+                 model_control_mode: str = "none", repository_poll_secs: int = 2) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.host, self.grpc_port, self.http_port, self.metrics_port = host, grpc_port, http_port, metrics_port
         self.log_file = Path(log_file) if log_file else cache_dir() / "logs" / f"tritonserver-{grpc_port}.log"
         self.backend_dir = Path(backend_dir) if backend_dir else None
         self.startup_timeout_s = startup_timeout_s
         self.extra_args = list(extra_args)
+        self.control_args = model_control_args(model_control_mode, repository_poll_secs)
         self.models: list[str] = []
         self.process: subprocess.Popen | None = None
 
@@ -162,9 +199,8 @@ class LocalTriton:
             f"--http-address={self.host}", f"--http-port={self.http_port}",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-            "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--exit-timeout-secs=5",
-            # serve exactly the config on disk (the production image does the same)
-            "--disable-auto-complete-config", *SUMMARY_METRICS_ARGS, *self.extra_args,
+            "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0",
+            *SERVING_ARGS, *self.control_args, *self.extra_args,
         ]
 
     def start(self) -> LocalTriton:
@@ -257,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", default=None, help="server log (default: .cache/logs/tritonserver-<grpc port>.log)")
     p.add_argument("--backend-dir", default=None, help="prebuilt backend directory (default: built in .cache)")
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    p.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default="none",
+                   help="none: load the repository once (as the production image does); poll: pick up new exports and "
+                   "rollbacks (kaem-export --rollback) every --repository-poll-secs without a restart; explicit: load "
+                   "everything at start, then what the repository API asks for")
+    p.add_argument("--repository-poll-secs", type=int, default=2,
+                   help="rescan interval under --model-control-mode poll")
     p.add_argument("--dry-run", action="store_true", help="check the repository, print the server command, exit")
     return p
 
@@ -266,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     server = LocalTriton(args.model_repository, grpc_port=args.grpc_port, http_port=args.http_port,
                          metrics_port=args.metrics_port, host=args.host, log_file=args.log_file,
-                         backend_dir=args.backend_dir, startup_timeout_s=args.startup_timeout)
+                         backend_dir=args.backend_dir, startup_timeout_s=args.startup_timeout,
+                         model_control_mode=args.model_control_mode, repository_poll_secs=args.repository_poll_secs)
     if args.dry_run:
         models = check_repository(server.model_repository)
         server.backend_dir = server.backend_dir or build_backend_dir()

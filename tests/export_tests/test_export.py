@@ -4,6 +4,7 @@ default config, and the ``python export/to_onnx.py`` script invocation."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,14 @@ from testpaths import ROOT
 
 from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, ModelContract
 from export.to_onnx import contract_for, export_checkpoint, ort_session
-from export.triton_config import parse_config, render_config
+from export.triton_config import file_sha256, parse_config, recorded_sha256, render_config
 from training.checkpoint import load_model, save_checkpoint
 from training.config import get_preset, with_overrides
 from training.model.kaem import KAEM
 from training.sample import sample_images, u_for_model
 from training.train import train
+
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +102,32 @@ def test_versions_are_atomic_and_pruned(digits_ckpt: Path, tmp_path: Path) -> No
     assert not (repo / "m" / "1" / "model.onnx").exists() and (repo / "m" / "1" / ".gitkeep").exists()
     assert (repo / "m" / "3" / "model.onnx").exists() and (repo / "m" / "2" / "model.onnx").exists()
     assert not [p for p in (repo / "m").iterdir() if p.name.startswith(".")]  # no staging leftovers
+    # each kept version's model.onnx digest is in the config (the launcher checks it); version 1's left with it
+    recorded = recorded_sha256(parse_config((repo / "m" / "config.pbtxt").read_text()))
+    assert recorded == {v: file_sha256(repo / "m" / str(v) / "model.onnx") for v in (2, 3)}
+
+
+def test_rollback_removes_the_newest_version_and_its_digest(digits_ckpt: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    for _ in range(2):
+        export_checkpoint(digits_ckpt, repo, "m", keep_versions=2)
+    before = (repo / "m" / "config.pbtxt").read_text()
+    r = subprocess.run([str(BIN / "kaem-export"), "--rollback", "--model-repository", str(repo), "--model-name", "m"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "removed version 2, version 1 is the newest" in r.stdout, r.stdout + r.stderr
+    assert (repo / "m" / "1" / "model.onnx").is_file() and not (repo / "m" / "2").exists()
+    after = (repo / "m" / "config.pbtxt").read_text()
+    assert recorded_sha256(parse_config(after)) == {1: file_sha256(repo / "m" / "1" / "model.onnx")}
+    assert after == before.replace(re.search(r'  \{\n    key: "artifact.sha256.2".*?\n  \},\n', before, re.S)[0], "")
+    for argv, expect in ((["--model-name", "m"], "nothing to roll back to"),
+                         (["--model-name", "m", "--checkpoint", str(digits_ckpt)], "takes no --checkpoint"),
+                         (["--model-name", "nope"], "holds 0 version")):
+        bad = subprocess.run([str(BIN / "kaem-export"), "--rollback", "--model-repository", str(repo), *argv],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and expect in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    missing = subprocess.run([str(BIN / "kaem-export"), "--model-repository", str(repo)], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "--checkpoint is required" in missing.stderr, missing.stderr
 
 
 def test_committed_default_config_is_reproduced() -> None:

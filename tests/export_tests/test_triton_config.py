@@ -4,6 +4,7 @@ with the ONNX graph, it is deterministic, and a mismatching ONNX is rejected wit
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import onnx
 import pytest
@@ -13,13 +14,18 @@ from export import contract as C
 from export.toy_model import TOY_CONTRACT, TOY_MODEL, build_toy_repository, mismatched_contract, wrong_contract_config
 from export.triton_config import (
     DEFAULT_MAX_QUEUE_DELAY_US,
+    DEFAULT_MAX_QUEUE_SIZE,
+    DEFAULT_QUEUE_TIMEOUT_US,
     DEFAULT_SESSION_PARAMETERS,
     TritonConfigError,
     check_config_against_contract,
     check_config_against_onnx,
     contract_from_config,
+    file_sha256,
     parse_config,
+    recorded_sha256,
     render_config,
+    write_config,
 )
 
 UNIVARIATE = C.ModelContract(prior_kind="univariate", P=20, Q=41, image_h=28, image_w=28, image_c=1,
@@ -54,10 +60,47 @@ def test_config_parses_with_triton_schema_and_follows_the_contract(contract):
     assert contract_from_config(cfg) == contract
 
 
+def test_bounded_queue_rejects_and_warm_up_runs_at_load():
+    cfg = parse_config(render_config("kaem_x", TOY_CONTRACT, max_batch_size=64))
+    policy = cfg.dynamic_batching.default_queue_policy
+    assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT and policy.allow_timeout_override
+    assert (policy.max_queue_size, policy.default_timeout_microseconds) == (DEFAULT_MAX_QUEUE_SIZE,
+                                                                            DEFAULT_QUEUE_TIMEOUT_US)
+    custom = parse_config(render_config("kaem_x", TOY_CONTRACT, max_queue_size=3, queue_timeout_us=500))
+    assert (custom.dynamic_batching.default_queue_policy.max_queue_size,
+            custom.dynamic_batching.default_queue_policy.default_timeout_microseconds) == (3, 500)
+    # warm-up: u = 0 (sanitised like any u) at batch 1 and at the largest batch, so both shapes are planned
+    assert [(w.batch_size, list(w.inputs)) for w in cfg.model_warmup] == [(1, [C.INPUT_U]), (64, [C.INPUT_U])]
+    for w in cfg.model_warmup:
+        u = w.inputs[C.INPUT_U]
+        assert u.zero_data and list(u.dims) == [TOY_CONTRACT.u_dim]
+        assert model_config_pb2.DataType.Name(u.data_type) == C.INPUT_U_DTYPE
+    with pytest.raises(TritonConfigError, match="must be >= 0"):
+        render_config("kaem_x", TOY_CONTRACT, max_queue_size=-1)
+
+
+def test_model_digests_are_recorded_per_version_and_configs_rewritten_only_on_change(tmp_path):
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"graph bytes")
+    digest = file_sha256(onnx_file)
+    assert digest == hashlib.sha256(b"graph bytes").hexdigest()
+    text = render_config("kaem_x", TOY_CONTRACT, model_sha256={3: digest, 2: "0" * 64})
+    assert recorded_sha256(parse_config(text)) == {2: "0" * 64, 3: digest}
+    assert recorded_sha256(parse_config(render_config("kaem_x", TOY_CONTRACT))) == {}
+    with pytest.raises(TritonConfigError, match="64 hex digits"):
+        render_config("kaem_x", TOY_CONTRACT, model_sha256={1: "not-a-digest"})
+    path = write_config(tmp_path, text)
+    before = path.stat().st_mtime_ns, path.stat().st_ino
+    write_config(tmp_path, text)  # same bytes: untouched, so a polling server does not reload
+    assert (path.stat().st_mtime_ns, path.stat().st_ino) == before
+    write_config(tmp_path, render_config("kaem_x", TOY_CONTRACT))
+    assert path.stat().st_ino != before[1] and recorded_sha256(parse_config(path.read_text())) == {}
+
+
 def test_rendering_is_deterministic():
     a = render_config("kaem_x", UNIVARIATE)
     assert a == render_config("kaem_x", UNIVARIATE) and a.endswith("\n") and not a.endswith("\n\n")
-    keys = [ln.split('"')[1] for ln in a.splitlines() if ln.strip().startswith("key:")]
+    keys = [ln.split('"')[1] for ln in a.splitlines() if ln.startswith("    key:")]  # the parameters' keys
     assert keys == sorted(keys) and len(keys) == len(UNIVARIATE.to_metadata()) + len(DEFAULT_SESSION_PARAMETERS)
     assert render_config("kaem_x", dataclasses.replace(UNIVARIATE, config_id="other")) != a
     custom = parse_config(render_config("kaem_x", UNIVARIATE, 8, preferred_batch_sizes=(8, 2, 4, 2),

@@ -31,6 +31,7 @@ from export.toy_model import (
     write_toy_model,
     wrong_contract_config,
 )
+from export.triton_config import file_sha256, render_config, write_config
 from serving import client, loadtest, metrics
 from serving.local import launcher
 from serving.local.launcher import LaunchError, LocalTriton, check_ports, free_ports
@@ -204,6 +205,20 @@ def test_kaem_serve_says_when_the_repository_is_empty_or_unexported(tmp_path, ca
     assert launcher.main(["--model-repository", str(model.parent)]) == 2
     err = capsys.readouterr().err
     assert "version 1 has no model.onnx" in err and "export the model first" in err
+
+
+def test_kaem_serve_refuses_a_model_file_that_is_not_the_exported_one(tmp_path, capsys):
+    model = build_toy_repository(tmp_path) / TOY_MODEL
+    onnx_file = model / "1" / "model.onnx"
+    config = render_config(TOY_MODEL, TOY_CONTRACT, max_batch_size=TOY_MAX_BATCH,
+                           model_sha256={1: file_sha256(onnx_file)})
+    write_config(model, config)
+    assert launcher.main(["--model-repository", str(model.parent), "--dry-run"]) == 0  # the recorded digest matches
+    capsys.readouterr()
+    onnx_file.write_bytes(onnx_file.read_bytes()[:-100])  # a truncated copy
+    assert launcher.main(["--model-repository", str(model.parent), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{onnx_file} has sha256" in err and "its export recorded" in err and "export it again" in err
 
 
 def test_a_model_that_fails_to_load_is_reported_with_log_lines(tmp_path):

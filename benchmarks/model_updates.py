@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                      repository_poll_secs=args.poll_secs) as server:
             client = grpcclient.InferenceServerClient(server.grpc_url)
             def render(shas):
-                return render_config(model, contract, max_batch_size=cfg.max_batch_size, model_sha256=shas)
+                return render_config(model, contract, max_batch_size=cfg.max_batch_size, artifacts=shas)
 
             version = publish(graph, render, warm_repo / model, keep_versions=2)
             up = _wait_for(client, model, u, str(version), 10 + 10 * args.poll_secs)

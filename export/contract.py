@@ -7,10 +7,13 @@ Export, config rendering, the client, the load-test data and the tests all impor
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 
+import numpy as np
+
 from training.errors import KaemError
-from training.uniforms import GENERATOR_VERSION, PRIOR_KINDS, u_layout
+from training.uniforms import GENERATOR_VERSION, PRIOR_KINDS, seeds_to_u, u_layout
 
 # v2: the prior kinds "folded" and "independent" (u layouts a v1 client cannot build) and the latent-health
 # metadata; the default Fashion-MNIST model moved from the univariate [P] to the mixture [2Q] layout.
@@ -122,3 +125,22 @@ class ModelContract:
                                 f"{', '.join(PRIOR_KINDS)})")
         if min(self.P, self.Q, self.image_h, self.image_w) < 1 or self.image_c not in (1, 3):
             raise ContractError(f"implausible shapes in model metadata: {self}")
+
+
+# Post-deploy canary: the export records the digest of a version's images for these seeds (config parameter
+# "artifact.canary.<version>"), and kaem-canary asks the server for the same seeds and compares.
+CANARY_SEEDS = tuple(range(8))
+
+
+def canary_u(contract: ModelContract) -> np.ndarray:
+    """The canary request's uniforms ``[8, D]``: the served u of :data:`CANARY_SEEDS`, no truncation."""
+    return seeds_to_u(CANARY_SEEDS, contract.u_dim, contract.its_start)
+
+
+def canary_sha256(images: np.ndarray) -> str:
+    """Digest of the canary seeds' uint8 images ``[8, H, W, C]`` as the served graph returns them."""
+    images = np.ascontiguousarray(images)
+    if images.dtype != np.uint8 or images.shape[0] != len(CANARY_SEEDS):
+        raise ContractError(f"canary images must be uint8 [{len(CANARY_SEEDS)}, H, W, C], got {images.dtype} "
+                            f"{list(images.shape)}")
+    return hashlib.sha256(images.tobytes()).hexdigest()

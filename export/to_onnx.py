@@ -29,14 +29,17 @@ from export.contract import (
     OUTPUT_MEAN,
     PRECISIONS,
     ModelContract,
+    canary_sha256,
+    canary_u,
 )
 from export.module import ExportError, ServedGenerator
 from export.triton_config import (
-    SHA256_KEY,
+    ARTIFACT_KEY,
+    ARTIFACTS,
     TritonConfigError,
     file_sha256,
     parse_config,
-    recorded_sha256,
+    recorded_artifacts,
     render_config,
     version_dirs,
     write_config,
@@ -176,6 +179,12 @@ def check_parity(model: KAEM, sess, batch_sizes: tuple[int, ...] = (1, 64), prec
     return worst_mean, worst_px
 
 
+def canary_digest(sess, contract: ModelContract) -> str:
+    """The digest kaem-canary expects for this graph: its uint8 images for the canary seeds in onnxruntime."""
+    (images,) = sess.run([OUTPUT_IMAGES], {INPUT_U: canary_u(contract)})
+    return canary_sha256(images)
+
+
 def ort_ms_per_image(sess, u_dim: int, batch: int = 64, reps: int = 5) -> float:
     u = np.random.default_rng(0).random((batch, u_dim), dtype=np.float32)
     sess.run([OUTPUT_IMAGES], {INPUT_U: u})
@@ -189,15 +198,17 @@ def _versions(model_dir: Path) -> list[int]:
     return [int(p.name) for p in version_dirs(model_dir)]
 
 
-def publish(onnx_file: Path, render: Callable[[Mapping[int, str]], str], model_dir: Path, keep_versions: int) -> int:
+def publish(onnx_file: Path, render: Callable[[Mapping[int, Mapping[str, str]]], str], model_dir: Path,
+            keep_versions: int, canary: str | None = None) -> int:
     """Install the graph as the next version: written elsewhere, then renamed into place, so a
     running server (polling the repository) never sees a half-written model. ``render`` makes the config from
-    {version: sha256 of its model.onnx} of the versions kept (recorded for the launcher's integrity check)."""
+    the artifacts of the versions kept ({version: {"sha256": of its model.onnx, "canary": of its canary images}},
+    this one's ``canary`` digest given), which the launcher's integrity check and kaem-canary read."""
     model_dir.mkdir(parents=True, exist_ok=True)
     recorded = _recorded(model_dir)
     version = max(_versions(model_dir), default=0) + 1
     target = model_dir / str(version)
-    digest = file_sha256(onnx_file)
+    record = {"sha256": file_sha256(onnx_file), **({"canary": canary} if canary else {})}
     if target.exists():  # an empty placeholder (e.g. version 1 with .gitkeep): rename the file in
         atomic_write_bytes(target / "model.onnx", onnx_file.read_bytes())
     else:
@@ -210,20 +221,20 @@ def publish(onnx_file: Path, render: Callable[[Mapping[int, str]], str], model_d
         if old == 1:
             (model_dir / "1" / ".gitkeep").touch()
     kept = {v: d for v, d in recorded.items() if v in _versions(model_dir)}
-    write_config(model_dir, render({**kept, version: digest}))
+    write_config(model_dir, render({**kept, version: record}))
     return version
 
 
-def _recorded(model_dir: Path) -> dict[int, str]:
+def _recorded(model_dir: Path) -> dict[int, dict[str, str]]:
     config = model_dir / "config.pbtxt"
     try:
-        return recorded_sha256(parse_config(config.read_text())) if config.is_file() else {}
+        return recorded_artifacts(parse_config(config.read_text())) if config.is_file() else {}
     except TritonConfigError:
         return {}  # a broken config is replaced below; its versions keep no recorded digest
 
 
 def rollback(model_dir: Path) -> tuple[int, int]:
-    """Remove the newest version of a model (its folder and its recorded sha256), so that a server polling the
+    """Remove the newest version of a model (its folder and its recorded artifacts), so that a server polling the
     repository serves the previous one again; returns (removed, now served). At least two versions must hold a
     model (kaem-export keeps two by default)."""
     versions = _versions(model_dir)
@@ -233,11 +244,10 @@ def rollback(model_dir: Path) -> tuple[int, int]:
     newest, previous = versions[-1], versions[-2]
     config = model_dir / "config.pbtxt"
     text = config.read_text()
-    key = SHA256_KEY.format(version=newest)
     # the rendered layout of one parameter (export/triton_config.render_config), with its separator
-    block = re.compile(r'  \{\n    key: "' + re.escape(key)
-                       + r'"\n    value: \{ string_value: "[0-9a-f]{64}" \}\n  \}(,\n)?')
-    kept = block.sub("", text, count=1).replace(",\n]\n", "\n]\n")
+    keys = "|".join(re.escape(ARTIFACT_KEY.format(name=name, version=newest)) for name in ARTIFACTS)
+    block = re.compile(r'  \{\n    key: "(' + keys + r')"\n    value: \{ string_value: "[0-9a-f]{64}" \}\n  \}(,\n)?')
+    kept = block.sub("", text).replace(",\n]\n", "\n]\n")
     aside = model_dir / f".rollback-{newest}"
     os.replace(model_dir / str(newest), aside)  # gone at once for a polling server
     shutil.rmtree(aside)
@@ -266,8 +276,9 @@ def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "mo
         size = path.stat().st_size
         model_dir = Path(model_repository) / model_name
         try:
-            version = publish(path, lambda shas: render_config(model_name, contract, max_batch_size=max_batch_size,
-                                                               model_sha256=shas), model_dir, keep_versions)
+            version = publish(path, lambda records: render_config(model_name, contract, max_batch_size=max_batch_size,
+                                                                  artifacts=records), model_dir, keep_versions,
+                              canary=canary_digest(sess, contract))
         except OSError as err:  # an uncreatable or read-only repository, a full disk
             raise ExportError(f"cannot install the model under {model_dir}: {err.strerror or err}"
                               f"{f' ({err.filename})' if err.filename else ''}") from err

@@ -47,9 +47,11 @@ DEFAULT_MAX_QUEUE_DELAY_US = 0
 # (allow_timeout_override). CPU-tuned with benchmarks/overload.py; re-run it for a GPU deployment.
 DEFAULT_MAX_QUEUE_SIZE = 256
 DEFAULT_QUEUE_TIMEOUT_US = 1_000_000
-# Parameter key holding the sha256 of version N's model.onnx, recorded by the export (one per version kept):
-# the local launcher refuses a file that no longer matches (serving/local/launcher.py).
-SHA256_KEY = "artifact.sha256.{version}"
+# What the export records about each version it keeps, as parameters "artifact.<name>.<version>": "sha256", the
+# digest of its model.onnx (the local launcher refuses a file that no longer matches: serving/local/launcher.py);
+# "canary", the digest of its images for the canary seeds (kaem-canary compares the served ones after a rollout).
+ARTIFACT_KEY = "artifact.{name}.{version}"
+ARTIFACTS = ("sha256", "canary")
 
 # onnxruntime session settings: one source for both backends. The NGC image's native onnxruntime backend
 # reads these `parameters` keys (its README, "Model Config Options"), and serving/local/ort_shim.py builds its
@@ -106,7 +108,7 @@ def render_config(
     tensorrt: bool = False,
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
     queue_timeout_us: int = DEFAULT_QUEUE_TIMEOUT_US,
-    model_sha256: Mapping[int, str] | None = None,
+    artifacts: Mapping[int, Mapping[str, str]] | None = None,
     warmup: bool = True,
 ) -> str:
     """The production ``config.pbtxt`` text for ``model_name`` (deterministic, trailing newline).
@@ -118,8 +120,9 @@ def render_config(
     ``tensorrt``: run the graph through onnxruntime's TensorRT execution provider on GPUs (FP32 engines, so
     images stay within a grey level of eager; engines cached next to the model). Off by default: the native
     backend then uses the CUDA provider on GPUs and the CPU one elsewhere. ``max_queue_size`` requests at most
-    wait (0: unbounded) and one waiting ``queue_timeout_us`` (0: no limit) is rejected; ``model_sha256``:
-    {version: sha256 of its model.onnx} to record. ``warmup``: two warm-up requests (batch 1 and max_batch_size,
+    wait (0: unbounded) and one waiting ``queue_timeout_us`` (0: no limit) is rejected; ``artifacts``:
+    {version: {"sha256": of its model.onnx, "canary": of its canary images}} to record (64 hex digits each).
+    ``warmup``: two warm-up requests (batch 1 and max_batch_size,
     u = 0) run at every load, so the first real request after a load or a version swap is not a cold one
     (benchmarks/model_updates.py measures both).
     """
@@ -141,7 +144,7 @@ def render_config(
     params = ",\n".join(
         f'  {{\n    key: "{text_encoding.CEscape(k, as_utf8=True)}"\n'
         f'    value: {{ string_value: "{text_encoding.CEscape(v, as_utf8=True)}" }}\n  }}'
-        for k, v in sorted({**settings, **contract.to_metadata(), **_sha256_parameters(model_sha256)}.items())
+        for k, v in sorted({**settings, **contract.to_metadata(), **_artifact_parameters(artifacts)}.items())
     )
     inputs, outputs = ",\n".join(blocks["input"]), ",\n".join(blocks["output"])
     batching = (f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
@@ -179,21 +182,31 @@ def render_config(
     )
 
 
-def _sha256_parameters(model_sha256: Mapping[int, str] | None) -> dict[str, str]:
+def _artifact_parameters(artifacts: Mapping[int, Mapping[str, str]] | None) -> dict[str, str]:
     out = {}
-    for version, digest in (model_sha256 or {}).items():
-        if not (isinstance(version, int) and version > 0 and len(digest) == 64
-                and all(c in "0123456789abcdef" for c in digest)):
-            raise TritonConfigError(f"model_sha256 needs {{version >= 1: 64 hex digits}}, got {version!r}: {digest!r}")
-        out[SHA256_KEY.format(version=version)] = digest
+    for version, record in (artifacts or {}).items():
+        for name, digest in record.items():
+            if not (isinstance(version, int) and version > 0 and name in ARTIFACTS and len(digest) == 64
+                    and all(c in "0123456789abcdef" for c in digest)):
+                raise TritonConfigError(f"artifacts need {{version >= 1: {{{'|'.join(ARTIFACTS)}: 64 hex digits}}}}, "
+                                        f"got {version!r}: {name!r}: {digest!r}")
+            out[ARTIFACT_KEY.format(name=name, version=version)] = digest
     return out
 
 
+def recorded_artifacts(cfg: model_config_pb2.ModelConfig) -> dict[int, dict[str, str]]:
+    """{version: {name: digest}} as the export recorded them in the config's parameters."""
+    found: dict[int, dict[str, str]] = {}
+    for key, p in cfg.parameters.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "artifact" and parts[1] in ARTIFACTS and parts[2].isdigit():
+            found.setdefault(int(parts[2]), {})[parts[1]] = p.string_value
+    return found
+
+
 def recorded_sha256(cfg: model_config_pb2.ModelConfig) -> dict[int, str]:
-    """{version: sha256 of its model.onnx} as the export recorded them in the config's parameters."""
-    prefix = SHA256_KEY.format(version="")
-    return {int(k[len(prefix):]): p.string_value for k, p in cfg.parameters.items()
-            if k.startswith(prefix) and k[len(prefix):].isdigit()}
+    """{version: sha256 of its model.onnx} as the export recorded them."""
+    return {v: a["sha256"] for v, a in recorded_artifacts(cfg).items() if "sha256" in a}
 
 
 def file_sha256(path: str | Path) -> str:

@@ -15,9 +15,16 @@ import pytest
 import torch
 from testpaths import ROOT
 
-from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, ModelContract
+from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, ModelContract, canary_sha256, canary_u
 from export.to_onnx import contract_for, export_checkpoint, ort_session
-from export.triton_config import file_sha256, parse_config, recorded_sha256, render_config
+from export.triton_config import (
+    contract_from_config,
+    file_sha256,
+    parse_config,
+    recorded_artifacts,
+    recorded_sha256,
+    render_config,
+)
 from training.checkpoint import load_model, save_checkpoint
 from training.config import get_preset, with_overrides
 from training.model.kaem import KAEM
@@ -103,8 +110,13 @@ def test_versions_are_atomic_and_pruned(digits_ckpt: Path, tmp_path: Path) -> No
     assert (repo / "m" / "3" / "model.onnx").exists() and (repo / "m" / "2" / "model.onnx").exists()
     assert not [p for p in (repo / "m").iterdir() if p.name.startswith(".")]  # no staging leftovers
     # each kept version's model.onnx digest is in the config (the launcher checks it); version 1's left with it
-    recorded = recorded_sha256(parse_config((repo / "m" / "config.pbtxt").read_text()))
-    assert recorded == {v: file_sha256(repo / "m" / str(v) / "model.onnx") for v in (2, 3)}
+    recorded = recorded_artifacts(parse_config((repo / "m" / "config.pbtxt").read_text()))
+    assert {v: a["sha256"] for v, a in recorded.items()} == {
+        v: file_sha256(repo / "m" / str(v) / "model.onnx") for v in (2, 3)}
+    # and the canary digest: the version's uint8 images for the canary seeds in onnxruntime
+    graph = repo / "m" / "3" / "model.onnx"
+    assert recorded[3]["canary"] == canary_sha256(ort_session(graph).run([OUTPUT_IMAGES], {
+        INPUT_U: canary_u(contract_from_config(parse_config((repo / "m" / "config.pbtxt").read_text())))})[0])
 
 
 def test_rollback_removes_the_newest_version_and_its_digest(digits_ckpt: Path, tmp_path: Path) -> None:
@@ -118,7 +130,8 @@ def test_rollback_removes_the_newest_version_and_its_digest(digits_ckpt: Path, t
     assert (repo / "m" / "1" / "model.onnx").is_file() and not (repo / "m" / "2").exists()
     after = (repo / "m" / "config.pbtxt").read_text()
     assert recorded_sha256(parse_config(after)) == {1: file_sha256(repo / "m" / "1" / "model.onnx")}
-    assert after == before.replace(re.search(r'  \{\n    key: "artifact.sha256.2".*?\n  \},\n', before, re.S)[0], "")
+    assert after == re.sub(r'  \{\n    key: "artifact\.(sha256|canary)\.2"\n.*?\n  \},\n', "", before)
+    assert "artifact.canary.1" in after and "artifact.canary.2" in before
     for argv, expect in ((["--model-name", "m"], "nothing to roll back to"),
                          (["--model-name", "m", "--checkpoint", str(digits_ckpt)], "takes no --checkpoint"),
                          (["--model-name", "nope"], "holds 0 version")):

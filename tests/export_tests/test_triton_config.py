@@ -84,11 +84,11 @@ def test_model_digests_are_recorded_per_version_and_configs_rewritten_only_on_ch
     onnx_file.write_bytes(b"graph bytes")
     digest = file_sha256(onnx_file)
     assert digest == hashlib.sha256(b"graph bytes").hexdigest()
-    text = render_config("kaem_x", TOY_CONTRACT, model_sha256={3: digest, 2: "0" * 64})
+    text = render_config("kaem_x", TOY_CONTRACT, artifacts={3: {"sha256": digest}, 2: {"sha256": "0" * 64}})
     assert recorded_sha256(parse_config(text)) == {2: "0" * 64, 3: digest}
     assert recorded_sha256(parse_config(render_config("kaem_x", TOY_CONTRACT))) == {}
     with pytest.raises(TritonConfigError, match="64 hex digits"):
-        render_config("kaem_x", TOY_CONTRACT, model_sha256={1: "not-a-digest"})
+        render_config("kaem_x", TOY_CONTRACT, artifacts={1: {"sha256": "not-a-digest"}})
     path = write_config(tmp_path, text)
     before = path.stat().st_mtime_ns, path.stat().st_ino
     write_config(tmp_path, text)  # same bytes: untouched, so a polling server does not reload

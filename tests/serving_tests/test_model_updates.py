@@ -25,7 +25,7 @@ POLL_SECS = 1
 
 
 def _render(shas):
-    return render_config(TOY_MODEL, TOY_CONTRACT, max_batch_size=TOY_MAX_BATCH, model_sha256=shas)
+    return render_config(TOY_MODEL, TOY_CONTRACT, max_batch_size=TOY_MAX_BATCH, artifacts=shas)
 
 
 def _served_version(url: str) -> str:

@@ -211,7 +211,7 @@ def test_kaem_serve_refuses_a_model_file_that_is_not_the_exported_one(tmp_path, 
     model = build_toy_repository(tmp_path) / TOY_MODEL
     onnx_file = model / "1" / "model.onnx"
     config = render_config(TOY_MODEL, TOY_CONTRACT, max_batch_size=TOY_MAX_BATCH,
-                           model_sha256={1: file_sha256(onnx_file)})
+                           artifacts={1: {"sha256": file_sha256(onnx_file)}})
     write_config(model, config)
     assert launcher.main(["--model-repository", str(model.parent), "--dry-run"]) == 0  # the recorded digest matches
     capsys.readouterr()

@@ -36,6 +36,8 @@ from export.module import ExportError, ServedGenerator
 from export.triton_config import (
     ARTIFACT_KEY,
     ARTIFACTS,
+    DEFAULT_MAX_QUEUE_SIZE,
+    DEFAULT_QUEUE_TIMEOUT_US,
     TritonConfigError,
     file_sha256,
     parse_config,
@@ -261,7 +263,9 @@ def rollback(model_dir: Path) -> tuple[int, int]:
 
 def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "model_repository",
                       model_name: str = DEFAULT_MODEL_NAME, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                      opset: int = DEFAULT_OPSET, keep_versions: int = 2, precision: str = "fp32") -> ExportReport:
+                      opset: int = DEFAULT_OPSET, keep_versions: int = 2, precision: str = "fp32",
+                      queue: Mapping[str, int] | None = None) -> ExportReport:
+    """Export, check and publish a checkpoint; ``queue``: render_config's max_queue_size / queue_timeout_us."""
     model, ckpt = load_model(checkpoint, kaem_only=True)
     contract = contract_for(model, precision)
     health = latent_health(model)
@@ -277,7 +281,8 @@ def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "mo
         model_dir = Path(model_repository) / model_name
         try:
             version = publish(path, lambda records: render_config(model_name, contract, max_batch_size=max_batch_size,
-                                                                  artifacts=records), model_dir, keep_versions,
+                                                                  artifacts=records, **(queue or {})),
+                              model_dir, keep_versions,
                               canary=canary_digest(sess, contract))
         except OSError as err:  # an uncreatable or read-only repository, a full disk
             raise ExportError(f"cannot install the model under {model_dir}: {err.strerror or err}"
@@ -307,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "matmuls in half precision (for GPUs; within one grey level of fp32, not identical), published "
                    "under its own model name and marked kaem.precision=fp16 in its contract")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="Triton max_batch_size")
+    p.add_argument("--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE,
+                   help="requests that may wait in Triton's queue; more are rejected at once (0: unbounded, no queue "
+                   "policy: the default, since a queue policy stalled the local Triton 2.51's batcher)")
+    p.add_argument("--queue-timeout-us", type=int, default=DEFAULT_QUEUE_TIMEOUT_US,
+                   help="reject a request that has waited this long in the queue (0: never; a client's own timeout "
+                   "may be shorter)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 18)")
     p.add_argument("--keep-versions", type=int, default=2, help="version folders with a model to keep")
     return p
@@ -332,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--max-batch-size must be in 1..65536")
     if args.keep_versions < 1:
         raise UserError("--keep-versions must be >= 1")
+    if args.max_queue_size < 0 or args.queue_timeout_us < 0:
+        raise UserError("--max-queue-size and --queue-timeout-us must be >= 0 (0: no limit)")
     fp16 = args.precision == "fp16"
     if args.model_name is None:
         args.model_name = DEFAULT_MODEL_NAME + ("_fp16" if fp16 else "")
@@ -341,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model_name.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"--model-name {args.model_name!r}: use letters, digits, '_' and '-'")
     r = export_checkpoint(args.checkpoint, args.model_repository, args.model_name, args.max_batch_size,
-                          args.opset, args.keep_versions, args.precision)
+                          args.opset, args.keep_versions, args.precision,
+                          queue={"max_queue_size": args.max_queue_size, "queue_timeout_us": args.queue_timeout_us})
     c = r.contract
     print(f"exported {r.path} (version {r.version}, {r.size_bytes / 1e6:.2f} MB)")
     print(f"  input  {INPUT_U}: FP32 [batch, {c.u_dim}]  ({c.u_layout_text})")

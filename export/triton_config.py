@@ -40,13 +40,15 @@ from training.io import atomic_write_text
 # defaults' concurrency-1 p50) picked none. Re-run the sweep for a GPU deployment.
 DEFAULT_PREFERRED_BATCH_SIZES: tuple[int, ...] = ()
 DEFAULT_MAX_QUEUE_DELAY_US = 0
-# Overload control: a bounded queue whose overflow and stale requests are rejected at once (the client's
-# --retries backs off and tries again) instead of growing latency without limit. At most
-# DEFAULT_MAX_QUEUE_SIZE requests wait (one full batch of batch-1 requests: ~65 ms of work on 2 CPU cores);
-# one that has waited DEFAULT_QUEUE_TIMEOUT_US is rejected, or sooner when its own request timeout says so
-# (allow_timeout_override). CPU-tuned with benchmarks/overload.py; re-run it for a GPU deployment.
-DEFAULT_MAX_QUEUE_SIZE = 256
-DEFAULT_QUEUE_TIMEOUT_US = 1_000_000
+# Overload control: a bounded queue (max_queue_size requests) whose overflow, and requests waiting longer than
+# queue_timeout_us, are rejected at once (the client's --retries backs off and tries again). Off by default (0, 0:
+# no default_queue_policy block): on the local Triton 2.51 any of max_queue_size, default_timeout_microseconds or
+# allow_timeout_override in the policy made the dynamic batcher wait ~500 ms between executions in about half of
+# the bursts of 8 batch-64 requests measured (none without the block), so requests in flight at a SIGTERM timed out
+# instead of draining (tests/serving_tests/test_drain.py). Set them with `kaem-export --max-queue-size N
+# --queue-timeout-us T` once a deployment's Triton has been measured with them (benchmarks/overload.py).
+DEFAULT_MAX_QUEUE_SIZE = 0
+DEFAULT_QUEUE_TIMEOUT_US = 0
 # What the export records about each version it keeps, as parameters "artifact.<name>.<version>": "sha256", the
 # digest of its model.onnx (the local launcher refuses a file that no longer matches: serving/local/launcher.py);
 # "canary", the digest of its images for the canary seeds (kaem-canary compares the served ones after a rollout).
@@ -120,7 +122,8 @@ def render_config(
     ``tensorrt``: run the graph through onnxruntime's TensorRT execution provider on GPUs (FP32 engines, so
     images stay within a grey level of eager; engines cached next to the model). Off by default: the native
     backend then uses the CUDA provider on GPUs and the CPU one elsewhere. ``max_queue_size`` requests at most
-    wait (0: unbounded) and one waiting ``queue_timeout_us`` (0: no limit) is rejected; ``artifacts``:
+    wait (0: unbounded) and one waiting ``queue_timeout_us`` (0: no limit) is rejected (both 0: no queue policy,
+    see DEFAULT_MAX_QUEUE_SIZE); ``artifacts``:
     {version: {"sha256": of its model.onnx, "canary": of its canary images}} to record (64 hex digits each).
     ``warmup``: two warm-up requests (batch 1 and max_batch_size,
     u = 0) run at every load, so the first real request after a load or a version swap is not a cold one
@@ -147,10 +150,11 @@ def render_config(
         for k, v in sorted({**settings, **contract.to_metadata(), **_artifact_parameters(artifacts)}.items())
     )
     inputs, outputs = ",\n".join(blocks["input"]), ",\n".join(blocks["output"])
-    batching = (f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
-                "  default_queue_policy {\n    timeout_action: REJECT\n"
-                f"    default_timeout_microseconds: {queue_timeout_us}\n    allow_timeout_override: true\n"
-                f"    max_queue_size: {max_queue_size}\n  }}\n")
+    batching = f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
+    if max_queue_size or queue_timeout_us:
+        batching += ("  default_queue_policy {\n    timeout_action: REJECT\n"
+                     f"    default_timeout_microseconds: {queue_timeout_us}\n    allow_timeout_override: true\n"
+                     f"    max_queue_size: {max_queue_size}\n  }}\n")
     if preferred:
         batching = f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" + batching
     warmups = "model_warmup [\n" + ",\n".join(

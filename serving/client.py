@@ -1,14 +1,16 @@
 """``kaem-generate``: seeds -> uniforms -> Triton (gRPC) -> uint8 images -> PNG grid.
 
 The client checks liveness, readiness and the served model's contract before sending anything,
-and records its own request latencies in a Prometheus histogram (histograms aggregate across
-replicas; Triton's summaries do not).
+retries what the server turned away for now (capped exponential backoff with full jitter, within an
+optional deadline per request), and records its own request latencies in a Prometheus histogram
+(histograms aggregate across replicas; Triton's summaries do not).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import random
 import sys
 import threading
 import time
@@ -34,8 +36,80 @@ from training.uniforms import parse_seeds
 LATENCY_BUCKETS = tuple(round(0.00025 * 2 ** (i / 2), 7) for i in range(36))
 
 
+# Retries: a request is tried again only when the server turned it away *for now*. Triton 2.51 (observed on the
+# local server) answers both rejections of a model's bounded queue with gRPC UNAVAILABLE: "[request id: ...]
+# Exceeds maximum queue size" when the queue is full (not counted in its failure metrics) and "Request timeout
+# expired" when the request waited past its queue timeout (counted as reason="REJECTED"). A server or proxy
+# that cannot be reached mid-run is UNAVAILABLE too. Everything else fails again the same way (INVALID_ARGUMENT
+# for a bad shape or batch size, NOT_FOUND for an unknown model) or already took --timeout (DEADLINE_EXCEEDED,
+# which the server counts as CANCELED), and is never retried.
+RETRY_STATUS = "StatusCode.UNAVAILABLE"
+QUEUE_FULL_MESSAGE = "Exceeds maximum queue size"
+QUEUE_TIMEOUT_MESSAGE = "Request timeout expired"
+# Defaults of kaem-generate: 2 retries ride out a short overload burst while multiplying the load an overloaded
+# server sees by at most 3; the backoff before retry k is uniform in [0, min(cap, base * 2**k)] ("full jitter",
+# so that clients rejected together do not come back together): 0-50 ms, then 0-100 ms, ..., at most 2 s.
+DEFAULT_RETRIES = 2
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 2.0
+
+
 class ServingError(KaemError):
     """The server is unreachable, not ready, does not serve the model, or rejected a request."""
+
+
+class RequestFailed(ServingError):
+    """An inference request that failed for good; ``attempts`` says how many times it was sent."""
+
+    def __init__(self, message: str, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
+def rejection_kind(err: InferenceServerException) -> str | None:
+    """Why a failed request is worth another attempt: ``"queue_full"``, ``"queue_timeout"`` (Triton's bounded
+    queue turned it away) or ``"unavailable"`` (any other gRPC UNAVAILABLE); None: never retry it."""
+    if err.status() != RETRY_STATUS:
+        return None
+    message = err.message() or ""
+    if QUEUE_FULL_MESSAGE in message:
+        return "queue_full"
+    if QUEUE_TIMEOUT_MESSAGE in message:
+        return "queue_timeout"
+    return "unavailable"
+
+
+def status_name(err: InferenceServerException) -> str:
+    """``UNAVAILABLE`` for tritonclient's ``StatusCode.UNAVAILABLE``; ``CLIENT`` for an error raised in the client."""
+    return str(err.status() or "CLIENT").removeprefix("StatusCode.")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How one request is retried: at most ``retries`` more attempts after the first, each after a backoff
+    (seconds) drawn by :meth:`backoff_s`; ``deadline_s`` (None: none) bounds the request's total time, attempts
+    and backoffs together, and each attempt waits at most min(per-attempt timeout, time left)."""
+
+    retries: int = DEFAULT_RETRIES
+    deadline_s: float | None = None
+    base_s: float = BACKOFF_BASE_S
+    cap_s: float = BACKOFF_CAP_S
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ServingError(f"--retries must be >= 0, got {self.retries}")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise ServingError(f"--deadline must be > 0 seconds, got {self.deadline_s}")
+        if not 0 <= self.base_s <= self.cap_s:
+            raise ServingError(f"backoff needs 0 <= base <= cap, got base {self.base_s} s, cap {self.cap_s} s")
+
+    def backoff_s(self, retry: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number ``retry`` (0 first): capped exponential backoff with full jitter,
+        uniform in [0, min(cap, base * 2**retry)]."""
+        return rng.uniform(0.0, min(self.cap_s, self.base_s * 2.0**retry))
+
+
+DEFAULT_RETRY = RetryPolicy()
 
 
 @dataclass
@@ -56,6 +130,7 @@ class GenerationStats:
     wall_s: float
     registry: CollectorRegistry = field(repr=False)
     histogram: Histogram = field(repr=False)
+    attempts: int = 0  # requests sent, retries included (0: not counted)
 
     @property
     def images_per_s(self) -> float:
@@ -69,9 +144,10 @@ class GenerationStats:
 
     def summary(self) -> str:
         p50, p90, p99 = (1000 * self.latency_quantile(q) for q in (0.5, 0.9, 0.99))
-        return (f"{self.images} images in {self.requests} requests, {self.wall_s:.3f} s: "
+        retried = f" ({self.attempts - self.requests} retried attempts)" if self.attempts > self.requests else ""
+        return (f"{self.images} images in {self.requests} requests{retried}, {self.wall_s:.3f} s: "
                 f"{self.images_per_s:,.1f} images/s; request latency p50 {p50:.2f} ms, p90 {p90:.2f} ms,"
-                f" p99 {p99:.2f} ms (client-side, estimated from histogram buckets)")
+                f" p99 {p99:.2f} ms (client-side, estimated from histogram buckets, retries included)")
 
 
 def _call(what: str, fn, *args, **kwargs):
@@ -111,11 +187,21 @@ def u_for_contract(seeds: Sequence[int], contract: ModelContract, truncation: fl
     return uniforms.seeds_to_u(seeds, contract.u_dim, contract.its_start, truncation)
 
 
-def _infer(client: grpcclient.InferenceServerClient, model: str, u: np.ndarray, timeout_s: float) -> np.ndarray:
+def infer_inputs(u: np.ndarray) -> list[grpcclient.InferInput]:
+    """The request's one input tensor (``tritonclient.grpc.aio`` takes the same objects)."""
     inp = grpcclient.InferInput(INPUT_U, list(u.shape), "FP32")
     inp.set_data_from_numpy(np.ascontiguousarray(u, dtype=np.float32))
-    result = _call(f"inference on {model!r}", client.infer, model, [inp],
+    return [inp]
+
+
+def _infer(client: grpcclient.InferenceServerClient, model: str, u: np.ndarray, timeout_s: float) -> np.ndarray:
+    """One attempt; a failure raises :class:`ServingError` with the server's message."""
+    result = _call(f"inference on {model!r}", client.infer, model, infer_inputs(u),
                    outputs=[grpcclient.InferRequestedOutput(OUTPUT_IMAGES)], client_timeout=timeout_s)
+    return _images(result, u)
+
+
+def _images(result, u: np.ndarray) -> np.ndarray:
     images = result.as_numpy(OUTPUT_IMAGES)
     if images is None or images.shape[0] != u.shape[0]:
         raise ServingError(f"the server returned no/short {OUTPUT_IMAGES!r} output for {u.shape[0]} rows"
@@ -123,11 +209,58 @@ def _infer(client: grpcclient.InferenceServerClient, model: str, u: np.ndarray, 
     return images
 
 
+def _attempts(n: int) -> str:
+    return f"{n} attempt{'s' * (n != 1)}"
+
+
+def _deadline_error(what: str, policy: RetryPolicy, attempts: int, spent: float, why: str,
+                    err: InferenceServerException) -> RequestFailed:
+    return RequestFailed(f"{what} gave up after {_attempts(attempts)} in {spent:.2f} s: {why}"
+                         f" the deadline of {policy.deadline_s:g} s (--deadline); last status {status_name(err)}:"
+                         f" {err.message() or err}", attempts)
+
+
+def infer_with_retries(client: grpcclient.InferenceServerClient, model: str, u: np.ndarray, timeout_s: float,
+                       policy: RetryPolicy = DEFAULT_RETRY, rng: random.Random | None = None) -> tuple[np.ndarray, int]:
+    """Images for ``u`` and the number of attempts they took. An attempt waits at most ``timeout_s`` seconds
+    (and no longer than the time left before ``policy.deadline_s``); only rejections for now
+    (:func:`rejection_kind`) are retried, after :meth:`RetryPolicy.backoff_s` drawn from ``rng`` (seed it for
+    a reproducible schedule). Raises :class:`RequestFailed` naming the last status."""
+    rng = rng or random.Random()
+    what, inputs = f"inference on {model!r}", infer_inputs(u)
+    outputs = [grpcclient.InferRequestedOutput(OUTPUT_IMAGES)]
+    deadline = math.inf if policy.deadline_s is None else policy.deadline_s
+    start, attempts = time.monotonic(), 0
+    while True:
+        attempts += 1
+        left = deadline - (time.monotonic() - start)
+        try:
+            result = client.infer(model, inputs, outputs=outputs, client_timeout=min(timeout_s, max(left, 0.0)))
+            return _images(result, u), attempts
+        except InferenceServerException as err:
+            spent = time.monotonic() - start
+            if rejection_kind(err) is None:
+                if left < timeout_s and status_name(err) == "DEADLINE_EXCEEDED":
+                    raise _deadline_error(what, policy, attempts, spent, "the last attempt ran into", err) from None
+                raise RequestFailed(f"{what}: {err.message() or err}", attempts) from None
+            if attempts > policy.retries:
+                raise RequestFailed(f"{what} failed after {_attempts(attempts)} (--retries {policy.retries}); last"
+                                    f" status {status_name(err)}: {err.message() or err}", attempts) from None
+            wait = policy.backoff_s(attempts - 1, rng)
+            if spent + wait >= deadline:
+                raise _deadline_error(what, policy, attempts, spent, "the next attempt would start after",
+                                      err) from None
+        time.sleep(wait)
+
+
 def generate_images(url: str, model: str, seeds: Sequence[int], truncation: float = 1.0, concurrency: int = 1,
-                    batch_size: int | None = None, timeout_s: float = 60.0) -> tuple[np.ndarray, GenerationStats]:
+                    batch_size: int | None = None, timeout_s: float = 60.0, retry: RetryPolicy = DEFAULT_RETRY,
+                    rng: random.Random | None = None) -> tuple[np.ndarray, GenerationStats]:
     """Images uint8 ``[N, H, W, C]`` for ``seeds`` (in seed order) from a Triton server at ``url``
     (gRPC ``host:port``). Requests hold at most ``batch_size`` rows (default and cap: the model's
-    ``max_batch_size``); ``concurrency`` requests are in flight at once, one client per thread."""
+    ``max_batch_size``); ``concurrency`` requests are in flight at once, one client per thread; each attempt
+    waits at most ``timeout_s`` seconds, and ``retry`` says which failures are tried again and when
+    (:func:`infer_with_retries`; ``rng`` draws the backoffs)."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if not seeds:
@@ -142,7 +275,8 @@ def generate_images(url: str, model: str, seeds: Sequence[int], truncation: floa
     hist = Histogram("kaem_client_request_seconds", "Client-side Triton request latency",
                      ["model"], buckets=LATENCY_BUCKETS, registry=registry)
     observe = hist.labels(model=model)
-    local, opened = threading.local(), [client]
+    local, opened, attempts = threading.local(), [client], []
+    rng = rng or random.Random()
 
     def run(chunk: np.ndarray) -> np.ndarray:
         if concurrency == 1:
@@ -151,8 +285,9 @@ def generate_images(url: str, model: str, seeds: Sequence[int], truncation: floa
             local.client = grpcclient.InferenceServerClient(url)
             opened.append(local.client)  # list.append is atomic under the GIL
         t0 = time.perf_counter()
-        images = _infer(local.client, model, chunk, timeout_s)
+        images, n = infer_with_retries(local.client, model, chunk, timeout_s, retry, rng)
         observe.observe(time.perf_counter() - t0)
+        attempts.append(n)
         return images
 
     t0 = time.perf_counter()
@@ -166,7 +301,7 @@ def generate_images(url: str, model: str, seeds: Sequence[int], truncation: floa
         for c in opened:
             c.close()
     wall = time.perf_counter() - t0
-    stats = GenerationStats(len(seeds), len(chunks), wall, registry, hist)
+    stats = GenerationStats(len(seeds), len(chunks), wall, registry, hist, sum(attempts))
     return np.concatenate(parts), stats
 
 
@@ -193,7 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png", help="PNG grid to write")
     p.add_argument("--out-dir", default=None, help="also write one PNG per seed into this folder")
     p.add_argument("--upscale", type=int, default=0, help="pixel repeat for the grid (0: auto, ~96 px per image)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per attempt of a request")
+    p.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                   help="extra attempts for a request the server turned away for now (gRPC UNAVAILABLE: the"
+                        " model's queue is full, the request timed out in it, or the server is briefly"
+                        f" unreachable), each after a backoff uniform in [0, min({BACKOFF_CAP_S:g} s,"
+                        f" {BACKOFF_BASE_S:g} s x 2^k)] before retry k (capped exponential, full jitter). Never"
+                        " retried: INVALID_ARGUMENT and every other error, and an attempt that ran into --timeout."
+                        f" The default ({DEFAULT_RETRIES}: waits of at most {1000 * BACKOFF_BASE_S:g} and"
+                        f" {2000 * BACKOFF_BASE_S:g} ms) rides out a short burst"
+                        " while at most tripling what an overloaded server is sent; 0 fails on the first rejection")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds one request may take in all, attempts and backoffs together (each attempt"
+                        " waits at most min(--timeout, time left)); past it the command fails naming the last"
+                        " status. None: no bound beyond --retries and --timeout")
     return p
 
 
@@ -203,8 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     seeds = parse_seeds(args.seeds)
+    retry = RetryPolicy(retries=args.retries, deadline_s=args.deadline)
     images, stats = generate_images(args.url, args.model, seeds, args.truncation, args.concurrency,
-                                    args.batch_size, args.timeout)
+                                    args.batch_size, args.timeout, retry)
     upscale = args.upscale or _upscale_for(images.shape[1], images.shape[2])
     grid = save_grid(images, args.out, upscale=upscale)
     print(f"wrote {grid} ({len(seeds)} images of {images.shape[1]}x{images.shape[2]}x{images.shape[3]},"

@@ -139,11 +139,13 @@ def stack(tmp_path_factory):
         with Prometheus(tmp / "prometheus.yml", tmp / "tsdb") as prom:
             # one scrape before the traffic, so that every rate() window spans it
             prom.wait_for(f'up{{job="{job["job_name"]}"}} == 1', bool)
+            # the models' load-time warm-up requests (model_warmup) count as successes too
+            warmed = sum(float(r["value"][1]) for r in prom.query("sum(nv_inference_request_success)"))
             client.generate_images(triton.grpc_url, TOY_MODEL, list(range(TOY_REQUESTS)), batch_size=1,
                                    concurrency=8)
             for _ in range(2):  # the second round comes from the response cache
                 client.generate_images(triton.grpc_url, CACHED_MODEL, list(range(CACHED_SEEDS)), batch_size=1)
-            done = TOY_REQUESTS + 2 * CACHED_SEEDS
+            done = warmed + TOY_REQUESTS + 2 * CACHED_SEEDS
             prom.wait_for("sum(nv_inference_request_success)", lambda r: r and float(r[0]["value"][1]) == done)
             yield prom, static["labels"]
 

@@ -100,6 +100,7 @@ def test_mixture_prior_exports_with_selection_layout(tmp_path: Path) -> None:
     assert list(parsed.input[0].dims) == [10] and parsed.max_batch_size == 8
 
 
+@pytest.mark.slow
 def test_versions_are_atomic_and_pruned(digits_ckpt: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     (repo / "m" / "1").mkdir(parents=True)
@@ -119,6 +120,7 @@ def test_versions_are_atomic_and_pruned(digits_ckpt: Path, tmp_path: Path) -> No
         INPUT_U: canary_u(contract_from_config(parse_config((repo / "m" / "config.pbtxt").read_text())))})[0])
 
 
+@pytest.mark.slow
 def test_rollback_removes_the_newest_version_and_its_digest(digits_ckpt: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     for _ in range(2):

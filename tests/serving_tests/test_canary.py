@@ -18,7 +18,7 @@ from export.toy_model import TOY_CONTRACT, TOY_MAX_BATCH, TOY_MODEL, reference_i
 from export.triton_config import render_config
 from serving.local.launcher import LocalTriton, free_ports
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
 CANARY = Path(sys.executable).parent / "kaem-canary"
 
 

@@ -245,6 +245,8 @@ def rollback(model_dir: Path) -> tuple[int, int]:
                           "(kaem-export --keep-versions N keeps the older ones)")
     newest, previous = versions[-1], versions[-2]
     config = model_dir / "config.pbtxt"
+    if not config.is_file():
+        raise ExportError(f"{model_dir} has no config.pbtxt: not a model folder kaem-export wrote")
     text = config.read_text()
     # the rendered layout of one parameter (export/triton_config.render_config), with its separator
     keys = "|".join(re.escape(ARTIFACT_KEY.format(name=name, version=newest)) for name in ARTIFACTS)
@@ -253,9 +255,6 @@ def rollback(model_dir: Path) -> tuple[int, int]:
     aside = model_dir / f".rollback-{newest}"
     os.replace(model_dir / str(newest), aside)  # gone at once for a polling server
     shutil.rmtree(aside)
-    if newest == 1:
-        (model_dir / "1").mkdir()
-        (model_dir / "1" / ".gitkeep").touch()
     if kept != text:
         write_config(model_dir, kept)
     return newest, previous
@@ -302,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--rollback")
     p.add_argument("--rollback", action="store_true",
                    help="instead of exporting: remove the newest version of --model-name in --model-repository (its "
-                   "folder and recorded sha256), so that a server polling the repository serves the previous one")
+                   "folder and recorded digests), so that a server polling the repository serves the previous one")
     p.add_argument("--model-repository", default="model_repository", help="Triton model repository folder")
     p.add_argument("--model-name", default=None,
                    help=f"model name in the repository (default {DEFAULT_MODEL_NAME}; --precision fp16: "

@@ -227,22 +227,26 @@ class LocalTriton:
         return self
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Poll ``/v2/health/ready`` (strict readiness: every model loaded) until ``timeout_s``."""
+        """Poll ``/v2/health/ready`` (strict readiness: every model loaded), then ``/metrics``, until
+        ``timeout_s``: Triton opens its metrics port after the HTTP one, so a scrape right after HTTP
+        readiness can be refused."""
         deadline = time.monotonic() + timeout_s
-        url = f"http://{self.http_url}/v2/health/ready"
-        while time.monotonic() < deadline:
-            if not self.running:
-                raise LaunchError(f"tritonserver exited during startup (exit code {self.process.returncode})."
-                                  f" From {self.log_file}:\n{self.log_excerpt()}")
-            try:
-                with urllib.request.urlopen(url, timeout=1.0) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise LaunchError(f"tritonserver was not ready after {timeout_s:.0f} s. From {self.log_file}:\n"
-                          f"{self.log_excerpt()}")
+        for url in (f"http://{self.http_url}/v2/health/ready", f"http://{self.metrics_url}/metrics"):
+            while not self._answers(url):
+                if time.monotonic() >= deadline:
+                    raise LaunchError(f"tritonserver was not ready after {timeout_s:.0f} s ({url} did not"
+                                      f" answer). From {self.log_file}:\n{self.log_excerpt()}")
+                time.sleep(0.1)
+
+    def _answers(self, url: str) -> bool:
+        if not self.running:
+            raise LaunchError(f"tritonserver exited during startup (exit code {self.process.returncode})."
+                              f" From {self.log_file}:\n{self.log_excerpt()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
 
     def log_excerpt(self, max_lines: int = 20) -> str:
         """Error lines of the server log (model load failures, bad configs), else its tail."""

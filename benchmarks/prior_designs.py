@@ -90,6 +90,18 @@ DESIGNS = {d.key: d for d in (
             "--set", "train.prior_lr_ratio=0.2", "--set", "train.lr_schedule=cosine", "--steps", "4200"),
            "chains that move twice as far from their starts; at ~5.8 steps/s the budget stopped it at step 3,457 "
            "of the planned 4,200 (lr at ×0.17)"),
+    Design("l-isula-3000-persistent", "(l) = (j) with persistent chains",
+           _ISULA + ("--set", "posterior.n_samples=3000", "--set", "posterior.persistent=true",
+                     "--set", "train.prior_lr_ratio=0.2", "--set", "train.lr_schedule=cosine", "--steps", "5000"),
+           "each image's chain continues where its last visit left it (posterior.persistent); the 3,000-proposal "
+           "IS start only on an image's first visit, so after the first epoch (600 steps) a step decodes no "
+           "proposals and takes ~115 instead of ~290 ms in one measurement: the cosine is planned over 5,000 steps"),
+    Design("m-persistent-fast-prior", "(m) = (l) with the prior at the decoder's learning rate",
+           _ISULA + ("--set", "posterior.n_samples=3000", "--set", "posterior.persistent=true",
+                     "--set", "train.prior_lr_ratio=1.0", "--set", "train.lr_schedule=cosine", "--steps", "5000"),
+           "persistent chains no longer start from prior draws after the first epoch, so the prior must follow "
+           "where the chains are (the aggregate posterior) for its samples to land there; (f) showed a fast prior "
+           "hurting IS-started chains, whose starts it moves"),
 )}
 
 
@@ -124,13 +136,32 @@ def screen(design: Design, minutes: float, n: int, out: Path, reuse: bool) -> di
     return rep
 
 
-def table(designs: list[Design], reports: dict[str, dict], minutes: float, n: int, grids: str) -> str:
-    """The markdown of one budget's screen: a row per design, the blur ladder, the designs' notes."""
+def kept_rows(path: Path, title: str, rerun: list[Design]) -> tuple[list[str], list[str]]:
+    """Table rows and notes of this budget's section for the designs not rerun now (a screen of a few designs
+    adds its rows to the section instead of replacing it), in DESIGNS order."""
+    begin, end = f"<!-- screen: {title} -->", f"<!-- /screen: {title} -->"
+    old = path.read_text() if path.exists() else ""
+    if begin not in old or end not in old:
+        return [], []
+    lines = old[old.index(begin) : old.index(end)].splitlines()
+    skip = {d.title for d in rerun}
+    rows, notes = [], []
+    for d in DESIGNS.values():
+        if d.title in skip:
+            continue
+        rows += [ln for ln in lines if ln.startswith(f"| {d.title} | ")]
+        notes += [ln for ln in lines if ln.startswith(f"- **{d.title}**: ")]
+    return rows, notes
+
+
+def table(designs: list[Design], reports: dict[str, dict], minutes: float, n: int, grids: str,
+          kept: tuple[list[str], list[str]] = ([], [])) -> str:
+    """The markdown of one budget's screen: a row per design (``kept``'s first), the blur ladder, the notes."""
     head = (f"Each design: `kaem-train --preset fmnist --max-minutes {minutes:g} --seed 0 ARGS`, alone on this "
             f"2-core machine; scored by `kaem-eval --n {n}` (classifier-space metrics, not FID).\n\n"
             "| design | ARGS | gen. dim ↑ | h ratio ↑ | FD-clf ↓ | KID-clf ↓ | precision ↑ | recall ↑ | sampler | "
             "train img/s | steps | samples |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    rows = []
+    rows = list(kept[0])
     for d in designs:
         r = reports[d.key]
         h = r["latent_health"]
@@ -141,7 +172,7 @@ def table(designs: list[Design], reports: dict[str, dict], minutes: float, n: in
     any_rep = next(iter(reports.values()))
     ladder = "\n".join(f"| σ = {g['sigma']:.1f} px | {g['fd_clf']:.1f} | {g['kid_clf']:.1f} | "
                        f"{g['precision_clf']:.3f} | {g['recall_clf']:.3f} |" for g in any_rep.get("blur_ladder", []))
-    notes = "\n".join(f"- **{d.title}**: {d.note}." for d in designs)
+    notes = "\n".join([*kept[1], *(f"- **{d.title}**: {d.note}." for d in designs)])
     return (head + "\n".join(rows) + "\n\nBlur ladder (real training images blurred by σ px vs the same "
             f"test images, n = {n}):\n\n| rung | FD-clf | KID-clf | precision | recall |\n|---|---|---|---|---|\n"
             + ladder + "\n\n" + notes + "\n")
@@ -172,8 +203,10 @@ def main() -> int:
         print(f"  {key}: FD-clf {r['fd_clf']:.1f}, P {r['precision_clf']:.3f}, R {r['recall_clf']:.3f}, "
               f"gen. dim {r['latent_health']['gen_dim']:.2f}, h ratio {r['latent_health']['latent_pr']:.1f}",
               flush=True)
-    text = table([DESIGNS[k] for k in keys], reports, args.minutes, args.n, grids.name)
-    write_section(ROOT / args.table, f"{args.minutes:g} minutes per design", text)
+    title = f"{args.minutes:g} minutes per design"
+    designs = [DESIGNS[k] for k in keys]
+    text = table(designs, reports, args.minutes, args.n, grids.name, kept_rows(ROOT / args.table, title, designs))
+    write_section(ROOT / args.table, title, text)
     print(text)
     return 0
 

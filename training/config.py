@@ -99,6 +99,10 @@ class PosteriorConfig:
     resampler: str = "residual"  # residual | systematic | stratified
     ess_threshold: float = 0.5  # resample row b when ESS_b < threshold · N_s
     decoder_noise: bool = True  # pre-activation noise σ_n ε in the loss's likelihood terms
+    # is_ula only: each training image keeps its chain, and a later visit continues it where the last one ended
+    # (warm starts, as in alternating back-propagation, Han et al. 2017); the N_s-proposal IS start is drawn on
+    # an image's first visit only. Other posteriors ignore it.
+    persistent: bool = False
     contrastive: bool = True  # CD prior term (True) or normalised prior with quadrature log Z
     # Langevin (docs/design.md §5.4): ULA step η (MALA starts at the equivalent leapfrog step √(2η)), steps
     # per training iteration
@@ -188,7 +192,8 @@ class TrainConfig:
 # reading (:func:`migrate`) by filling what that schema meant, frozen below: never today's defaults, which may
 # change. A new field therefore needs a new schema version and its migration; a current-schema config with a
 # field missing is refused (tests/fixtures/config_v1_fmnist.json rebuilds the same model bit for bit).
-SCHEMA_VERSION = 2
+# 3: adds posterior.persistent.
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -286,6 +291,7 @@ _SCHEMA_2_ADDED: dict[str, Any] = {
 }
 # train.prior_lr_ratio joined schema 2 after its first configs were written (47b8784): those mean 1.0.
 _SCHEMA_2_LATE: dict[str, Any] = {"train": {"prior_lr_ratio": 1.0}}
+_SCHEMA_3_ADDED: dict[str, Any] = {"posterior": {"persistent": False}}
 
 
 def _fill(d: dict[str, Any], meaning: dict[str, Any]) -> dict[str, Any]:
@@ -308,7 +314,9 @@ def migrate(d: dict[str, Any]) -> dict[str, Any]:
                           " upgrade kaem-serve")
     if version == 1:
         d = _fill(_fill(d, _SCHEMA_1_MEANING), _SCHEMA_2_ADDED)
-    return {**_fill(d, _SCHEMA_2_LATE), "schema_version": SCHEMA_VERSION}
+    if version <= 2:
+        d = _fill(_fill(d, _SCHEMA_2_LATE), _SCHEMA_3_ADDED)
+    return {**d, "schema_version": SCHEMA_VERSION}
 
 
 def _check(ok: bool, msg: str) -> None:

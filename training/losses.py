@@ -31,6 +31,9 @@ class StepContext:
     step: int = 0  # training iteration i (the annealing power follows i / total_steps)
     total_steps: int = 1
     carry: dict[str, Tensor] = field(default_factory=dict)  # sampler state from the previous step
+    # Persistent chains (posterior.persistent): each row's stored chain, [B, u_dim], NaN rows for images not
+    # visited yet (layout: see is_ula_loss)
+    chains: Tensor | None = None
 
 
 @dataclass
@@ -39,6 +42,7 @@ class LossOutput:
     stats: dict[str, float] = field(default_factory=dict)  # detached numbers for logs
     z: Tensor | None = None  # IS: the prior proposals; Langevin/annealing: posterior chains (refits)
     carry: dict[str, Tensor] = field(default_factory=dict)  # sampler state for the next step
+    chains: Tensor | None = None  # persistent chains: each row's chain where this step left it, [B, u_dim]
 
 
 def importance_sampling_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConfig,
@@ -290,23 +294,44 @@ def is_ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
     on log N(ε) + log p(x | z(ε)) refine it, and the loss of §5.2 is taken at z = F⁻¹(Φ(ε_K)). The
     chains never leave the prior's support (no quadrature-domain drift), and unlike IS alone (ESS ~ 1:
     only the direction that picks the best proposal carries signal) every latent direction gets a
-    gradient of the image. Mixture: the component-selection uniforms stay those of the start."""
+    gradient of the image. Mixture: the component-selection uniforms stay those of the start.
+
+    With ``cfg.persistent`` a row whose ``ctx.chains`` entry is set continues that chain instead (its
+    component-selection uniforms, then ε: the layout of ``LossOutput.chains``); only the other rows draw
+    IS starts, and a batch without such rows decodes no proposals at all."""
     prior, dev = model.prior, x.device
     B, S = x.shape[0], cfg.n_samples
     its = prior.u_dim - prior.its_dim  # first ITS column of u
     cdf, log_z = _prior_tables(model, cfg)
-    u, z, z_prior = _proposals(model, S, cfg.cd_samples or B, gen, dev, cdf)
     decode = model.frozen_decode()  # every decode before the loss's needs no parameter gradient
+    stored = ctx.chains if cfg.persistent and ctx is not None and ctx.chains is not None else None
+    fresh = slice(None) if stored is None else stored.isnan().any(1)
+    x_is = x if stored is None else x[fresh]
+    stats: dict[str, float] = {}
+    if x_is.shape[0]:
+        u, z, z_prior = _proposals(model, S, cfg.cd_samples or B, gen, dev, cdf)
+        with torch.no_grad():
+            with record_function("kaem.decoder"):
+                ell_is = model.log_likelihood(x_is, decode(z), None)  # [B, S]; weights w = softmax(ℓ)
+            w = torch.softmax(ell_is, dim=1)
+            start = inverse_cumsum(torch.cumsum(w, 1), torch.rand(x_is.shape[0], 1, generator=gen, device=dev)
+                                   ).squeeze(1)
+            u_is = u[start]
+            stats.update(ess=float((1.0 / (w * w).sum(1)).mean()),
+                         loglik_start=float(ell_is.gather(1, start.unsqueeze(1)).mean()))
+    else:  # every row continues its chain: only the CD term's prior draws
+        z_prior = _prior_draws(model, cfg.cd_samples or B, gen, dev, cdf)
     with torch.no_grad():
-        with record_function("kaem.decoder"):
-            ell_is = model.log_likelihood(x, decode(z), None)  # [B, S]; weights w = softmax(ℓ)
-        w = torch.softmax(ell_is, dim=1)
-        start = inverse_cumsum(torch.cumsum(w, 1), torch.rand(B, 1, generator=gen, device=dev)).squeeze(1)
-        u0 = u[start]
-        eps0 = normal_icdf(u0[:, its:])
+        if stored is None:
+            select, eps0 = u_is[:, :its], normal_icdf(u_is[:, its:])
+        else:
+            select, eps0 = stored[:, :its].clone(), stored[:, its:].clone()
+            if x_is.shape[0]:
+                select[fresh], eps0[fresh] = u_is[:, :its], normal_icdf(u_is[:, its:])
+            stats["fresh"] = x_is.shape[0] / B
 
     def z_of(eps: Tensor) -> Tensor:
-        return prior.sample(torch.cat([u0[:, :its], normal_cdf(eps)], dim=1), cdf)
+        return prior.sample(torch.cat([select, normal_cdf(eps)], dim=1), cdf)
 
     def log_target(eps: Tensor) -> Tensor:  # log N(ε; 0, I) + ℓ(x_b | z(ε_b)), decoder noise off
         return -0.5 * (eps * eps).sum(1) + model.log_likelihood_paired(x, decode(z_of(eps)))
@@ -317,12 +342,11 @@ def is_ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
         z_post = z_of(eps)
     with record_function("kaem.decoder"):
         ell = noisy_loglik(model, x, z_post, gen, cfg)
-    loss, stats = _posterior_loss(model, x, z_post, z_prior, ell, cfg, log_z)
+    loss, loss_stats = _posterior_loss(model, x, z_post, z_prior, ell, cfg, log_z)
     with torch.no_grad():
-        stats.update(ess=float((1.0 / (w * w).sum(1)).mean()), eta=cfg.step_size,
-                     loglik_start=float(ell_is.gather(1, start.unsqueeze(1)).mean()),
-                     move=float((eps - eps0).norm(dim=1).mean()))
-    return LossOutput(loss=loss, stats=stats, z=z_post)
+        stats = {**loss_stats, **stats, "eta": cfg.step_size, "move": float((eps - eps0).norm(dim=1).mean())}
+        chains = torch.cat([select, eps], dim=1) if cfg.persistent else None
+    return LossOutput(loss=loss, stats=stats, z=z_post, chains=chains)
 
 
 def mala_initial_step(cfg: PosteriorConfig) -> float:

@@ -58,10 +58,10 @@ class LossModule(nn.Module):
         self.loss_fn = loss_fn_for(model.cfg)
 
     def forward(self, x: Tensor, gen: torch.Generator, ctx: StepContext
-                ) -> tuple[Tensor, dict[str, float], Tensor | None, dict[str, Tensor]]:
+                ) -> tuple[Tensor, dict[str, float], Tensor | None, dict[str, Tensor], Tensor | None]:
         cfg = self.model.cfg.posterior
         out = self.loss_fn(self.model, x, gen, cfg, ctx)
-        return out.loss, out.stats, out.z, out.carry
+        return out.loss, out.stats, out.z, out.carry, out.chains
 
 
 class StepBatches:
@@ -232,6 +232,20 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
     # ---- Data: in-memory datasets, deterministic per-(seed, epoch) order, sharded over ranks ----
     dataset = load_dataset(tc.dataset, data_root, "train")
     batches = StepBatches(len(dataset), tc.batch_size, world, rank, tc.seed)
+    # Persistent posterior chains, one row per training image (NaN: not visited yet). Every rank holds all of
+    # them (an image meets other ranks in later epochs), so each step's rows are gathered from all ranks.
+    persistent = cfg.model == "kaem" and cfg.posterior.kind == "is_ula" and cfg.posterior.persistent
+    if not persistent:
+        train_state.pop("chains", None)
+    else:
+        chains = train_state.get("chains")
+        chains = None if chains is None else chains.cpu()
+        if chains is None or tuple(chains.shape) != (len(dataset), model.u_dim):
+            if chains is not None and is_main:
+                print("resume: the stored persistent chains do not fit this dataset; they start afresh",
+                      file=sys.stderr)
+            chains = torch.full((len(dataset), model.u_dim), float("nan"))
+        train_state["chains"] = chains
     if is_main:
         (run_dir / "config.json").write_text(cfg.to_json() + "\n")
         log = open(run_dir / "stats.jsonl", "a")  # noqa: SIM115 - closed in finally
@@ -250,6 +264,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
     bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main), unit="step",
                dynamic_ncols=True, mininterval=1.0)
     acc: dict[str, float] = {}
+    acc_n: dict[str, int] = {}
     n_acc, t_window, completed = 0, time.perf_counter(), start
     warned = False
     t_start = time.perf_counter()
@@ -269,9 +284,11 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
 
             for group, lr in zip(opt.param_groups, base_lrs, strict=True):
                 group["lr"] = lr * lr_factor(tc, step)
-            x = fetch(dataset, batches(step), device)
-            ctx = StepContext(step=step, total_steps=tc.steps, carry=carry)
-            loss, stats, z_post, new_carry = loss_module(x, step_generator(tc.seed, step, rank, device), ctx)
+            idx = batches(step)
+            x = fetch(dataset, idx, device)
+            rows = train_state["chains"][idx].to(device) if persistent else None
+            ctx = StepContext(step=step, total_steps=tc.steps, carry=carry, chains=rows)
+            loss, stats, z_post, new_carry, new_rows = loss_module(x, step_generator(tc.seed, step, rank, device), ctx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip > 0:
@@ -283,18 +300,22 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
             if new_carry:
                 train_state["carry"] = {k: gather_ranks(v, world).cpu() for k, v in new_carry.items()}
                 carry = {k: v.detach() for k, v in new_carry.items()}
+            if rows is not None and new_rows is not None:
+                where = gather_ranks(torch.tensor(idx, device=device), world).flatten().cpu()
+                train_state["chains"][where] = gather_ranks(new_rows.detach(), world).flatten(0, 1).float().cpu()
             if refit and langevin and z_post is not None:
                 refit_from_posterior(model, gather_ranks(z_post.detach(), world).flatten(0, 1), domain_follows)
 
             # Logging (rank 0): averages over the window, images/s over all ranks.
-            for k, v in stats.items():
+            for k, v in stats.items():  # a stat may skip a step (persistent chains: no IS rows, no ESS)
                 acc[k] = acc.get(k, 0.0) + v
+                acc_n[k] = acc_n.get(k, 0) + 1
             n_acc += 1
             done = step + 1
             stop = max_seconds is not None and out_of_time(time.perf_counter() - t_start > max_seconds, world, device)
             if is_main and (step == start or done % tc.log_every == 0 or done == tc.steps or stop):
                 dt = time.perf_counter() - t_window
-                rec = {"step": done, **{k: v / n_acc for k, v in acc.items()},
+                rec = {"step": done, **{k: v / acc_n[k] for k, v in acc.items()},
                        **({"lr_factor": lr_factor(tc, step)} if tc.lr_schedule != "constant" else {}),
                        "images_per_s": n_acc * tc.batch_size * world / max(dt, 1e-9), "time": time.time()}
                 if langevin and domain_follows and cfg.model == "kaem":
@@ -308,7 +329,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
                 bar.set_postfix(loss=f"{rec['loss']:.1f}", loglik=f"{rec['loglik']:.1f}",
                                 **{k: f"{rec[k]:.3g}" for k in PROGRESS_KEYS if rec.get(k) is not None},
                                 img_s=f"{rec['images_per_s']:.0f}", refresh=False)
-                acc, n_acc, t_window = {}, 0, time.perf_counter()
+                acc, acc_n, n_acc, t_window = {}, {}, 0, time.perf_counter()
             bar.update(1)
             if is_main and done % tc.checkpoint_every == 0 and done < tc.steps:
                 final = checkpoint(done)

@@ -36,3 +36,10 @@ def test_prior_designs_screen_quick(tmp_path: Path) -> None:
     again = subprocess.run(cmd + ["--reuse"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ " not in again.stdout
     assert table.read_text().count("<!-- screen: 0.05 minutes per design -->") == 1
+    # A screen of one design adds to the section: (a)'s row and note stay, in the designs' order.
+    one = [*cmd[:cmd.index("--designs") + 1], "e-mixture-isula", *cmd[cmd.index("--designs") + 2:], "--reuse"]
+    again = subprocess.run(one, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    lines = table.read_text().splitlines()
+    assert [r for r in lines if r.startswith("| (")] == rows
+    assert [n[:7] for n in lines if n.startswith("- **(")] == ["- **(a)", "- **(e)"]

@@ -51,9 +51,14 @@ def test_a_current_config_with_a_missing_field_is_refused() -> None:
     del d["posterior"]["n_samples"]
     with pytest.raises(ConfigError, match=r"incomplete config: PosteriorConfig lacks \['n_samples'\]"):
         KAEMConfig.from_dict(d)
-    del d["train"]["prior_lr_ratio"]  # ...except the one field schema 2 gained after its first configs
     d["posterior"]["n_samples"] = 7
-    assert KAEMConfig.from_dict(d).train.prior_lr_ratio == 1.0
+    del d["train"]["prior_lr_ratio"]  # ...except the one field schema 2 gained after its first configs
+    with pytest.raises(ConfigError, match=r"TrainConfig lacks \['prior_lr_ratio'\]"):
+        KAEMConfig.from_dict(d)  # schema 3 was born with it
+    del d["posterior"]["persistent"]  # the same dict as schema 2 wrote it: persistent chains did not exist
+    d["schema_version"] = 2
+    old = KAEMConfig.from_dict(d)
+    assert old.train.prior_lr_ratio == 1.0 and old.posterior.persistent is False and old.schema_version == 3
 
 
 def test_v1_config_rebuilds_the_same_model_bit_for_bit() -> None:

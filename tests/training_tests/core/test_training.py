@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -48,15 +49,19 @@ def test_lr_schedule_is_a_pure_function_of_the_step() -> None:
     assert lr_factor(_digits(100).train, 73) == 1.0  # constant: schema 1's behaviour
 
 
-@pytest.mark.parametrize(("lr_schedule", "prior_lr_ratio"), [("constant", 1.0), ("cosine", 0.2)])
-def test_resume_is_bit_exact(tmp_path: Path, lr_schedule: str, prior_lr_ratio: float,
+@pytest.mark.parametrize(("lr_schedule", "prior_lr_ratio", "persistent"),
+                         [("constant", 1.0, False), ("cosine", 0.2, False), ("cosine", 0.2, True)])
+def test_resume_is_bit_exact(tmp_path: Path, lr_schedule: str, prior_lr_ratio: float, persistent: bool,
                              monkeypatch: pytest.MonkeyPatch) -> None:
     # 60 uninterrupted steps vs a 60-step run interrupted (Ctrl-C) after step 30 and resumed; a grid refit
     # (step 50) falls after the resume, and the cosine schedule (over two lr groups in the second case) is
-    # planned over all 60 steps in both.
+    # planned over all 60 steps in both. The third case keeps persistent is_ula chains: the digits' training
+    # split is 46 batches of 32, so the second epoch continues chains stored before the interruption.
     import training.train as loop
 
     cfg = _digits(60, lr_schedule=lr_schedule, prior_lr_ratio=prior_lr_ratio)
+    if persistent:
+        cfg = replace(cfg, posterior=replace(cfg.posterior, kind="is_ula", persistent=True))
     full = train(cfg, tmp_path / "full", torch.device("cpu"), progress=False)
     fetch, calls = loop.fetch, [0]
 
@@ -82,8 +87,23 @@ def test_resume_is_bit_exact(tmp_path: Path, lr_schedule: str, prior_lr_ratio: f
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt_a[k][name], opt_b[k][name])
     wall = {"train_seconds"}  # wall-clock time, the only state that may differ
+    chains_a, chains_b = a["train_state"].pop("chains", None), b["train_state"].pop("chains", None)
     assert {k: v for k, v in a["train_state"].items() if k not in wall} == \
         {k: v for k, v in b["train_state"].items() if k not in wall}
+    assert (chains_a is None) == (chains_b is None) == (not persistent)
+    if persistent:  # one chain per training image: exactly the images of the 60 batches are set
+        torch.testing.assert_close(chains_a, chains_b, rtol=0, atol=0, equal_nan=True)
+        batches = loop.StepBatches(chains_a.shape[0], 32, 1, 0, cfg.train.seed)
+        seen: set[int] = set()
+        fresh = []  # per step: the share of its images that had no chain yet
+        for i in range(60):
+            idx = batches(i)
+            fresh.append(sum(j not in seen for j in idx) / len(idx))
+            seen.update(idx)
+        assert set(torch.isfinite(chains_a).all(1).nonzero().flatten().tolist()) == seen
+        assert batches.per_epoch < 60 and min(fresh) < 1.0  # the second epoch continues stored chains
+        recs = [json.loads(line) for line in (tmp_path / "full" / "stats.jsonl").read_text().splitlines()]
+        assert recs[-1]["step"] == 60 and recs[-1]["fresh"] == pytest.approx(sum(fresh[40:]) / 20)
     events = [json.loads(line) for line in (tmp_path / "split" / "stats.jsonl").read_text().splitlines()]
     assert {"event": "resume", "step": 30} in events
 
@@ -158,22 +178,36 @@ def test_cli_train_then_sample_and_plot(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("posterior", ["is", "mala"])
+@pytest.mark.parametrize("posterior", ["is", "mala", "persistent"])
 def test_ddp_two_ranks_stay_in_sync(tmp_path: Path, posterior: str) -> None:
     """torchrun with 2 gloo processes on the same code; the loop verifies replicas before saving.
-    Under MALA the grid/domain refit gathers both ranks' chains and each rank keeps its own step sizes."""
+    Under MALA the grid/domain refit gathers both ranks' chains and each rank keeps its own step sizes.
+    Persistent is_ula chains: both ranks' rows reach the one table rank 0 saves (an epoch is 23 steps per rank,
+    so 25 steps revisit images, on either rank)."""
     out = tmp_path / "ddp"
+    steps = 25 if posterior == "persistent" else 12
+    kind = ["is_ula", "--set", "posterior.persistent=true"] if posterior == "persistent" else [posterior]
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "training.train",
-           "--preset", "digits", "--steps", "12", "--out", str(out), "--no-progress", "--samples", "0",
-           "--posterior", posterior]
+           "--preset", "digits", "--steps", str(steps), "--out", str(out), "--no-progress", "--samples", "0",
+           "--posterior", *kind]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ranks in sync: 2 replicas identical" in r.stderr
     ck = load_checkpoint(out)
-    assert ck["step"] == 12
+    assert ck["step"] == steps
     recs = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert len([r for r in recs if "loss" in r]) >= 1  # only rank 0 writes logs
+    if posterior == "persistent":
+        import training.train as loop
+
+        chains = ck["train_state"]["chains"]
+        seen = set()
+        for rank in (0, 1):
+            batches = loop.StepBatches(chains.shape[0], 32, 2, rank, 0)
+            seen.update(i for step in range(steps) for i in batches(step))
+        assert batches.per_epoch < steps
+        assert set(torch.isfinite(chains).all(1).nonzero().flatten().tolist()) == seen
     if posterior == "mala":
         eta = ck["train_state"]["carry"]["mala_eta"]
         assert eta.shape == (2, get_preset("digits").train.batch_size)  # one row of step sizes per rank

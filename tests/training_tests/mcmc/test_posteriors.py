@@ -26,7 +26,7 @@ from training.data import datasets as data
 from training.eval.health import latent_health
 from training.losses import POSTERIORS, StepContext
 from training.model.kaem import KAEM
-from training.model.prior import gauss_legendre
+from training.model.prior import gauss_legendre, normal_cdf
 from training.train import train
 from training.uniforms import step_generator
 
@@ -188,6 +188,43 @@ def test_is_ula_gradients_stats_and_chains_inside_the_domain(prior_kind: str) ->
     assert float(out.z.min()) >= a and float(out.z.max()) <= b  # z = F⁻¹(Φ(ε)) stays in the prior's support
     same = POSTERIORS["is_ula"](model, x, step_generator(0, 0), cfg.posterior)
     assert torch.equal(same.z, out.z) and torch.equal(same.loss, out.loss)
+
+
+@pytest.mark.parametrize("prior_kind", ["univariate", "mixture"])
+def test_persistent_is_ula_continues_stored_chains_and_draws_is_starts_only_for_new_rows(
+        prior_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.losses as losses
+
+    cfg = _cfg("is_ula")
+    cfg = replace(cfg, prior=replace(cfg.prior, kind=prior_kind),
+                  posterior=replace(cfg.posterior, step_size=3e-3, persistent=True))
+    model = KAEM(cfg, init_seed=1)
+    x = _digits(16)
+    its = model.prior.u_dim - model.prior.its_dim
+    plain = POSTERIORS["is_ula"](model, x, step_generator(0, 0), replace(cfg.posterior, persistent=False))
+    assert plain.chains is None
+    unvisited = torch.full((16, model.u_dim), float("nan"))
+    first = POSTERIORS["is_ula"](model, x, step_generator(0, 0), cfg.posterior, StepContext(chains=unvisited))
+    # no stored chain yet: exactly the IS-started step, which now hands back where each chain ended
+    assert torch.equal(first.z, plain.z) and torch.equal(first.loss, plain.loss) and first.stats["fresh"] == 1.0
+    assert first.chains.shape == (16, model.u_dim) and torch.isfinite(first.chains).all()
+    assert torch.equal(model.prior.sample(torch.cat([first.chains[:, :its], normal_cdf(first.chains[:, its:])], 1)),
+                      first.z)
+
+    # half the rows stored: those continue their chains (0 moves: they stay put), the others draw IS starts
+    stay = replace(cfg.posterior, langevin_steps=0)
+    half = torch.cat([first.chains[:8], unvisited[8:]])
+    out = POSTERIORS["is_ula"](model, x, step_generator(0, 1), stay, StepContext(chains=half))
+    assert torch.equal(out.chains[:8], first.chains[:8]) and out.stats["fresh"] == 0.5 and "ess" in out.stats
+    assert not torch.equal(out.chains[8:], first.chains[8:])  # new IS starts from other proposals
+
+    # every row stored: no proposals are drawn or decoded, and no ESS is reported
+    monkeypatch.setattr(losses, "_proposals", lambda *a, **k: pytest.fail("decoded proposals for stored chains"))
+    out = POSTERIORS["is_ula"](model, x, step_generator(0, 2), cfg.posterior, StepContext(chains=first.chains))
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert out.stats["fresh"] == 0.0 and "ess" not in out.stats and out.stats["move"] > 0
+    assert torch.equal(out.chains[:, :its], first.chains[:, :its])  # the components chosen at the start stay
 
 
 def test_is_ula_training_improves_the_data_term_and_keeps_the_domain(tmp_path: Path) -> None:

@@ -262,11 +262,14 @@ class LocalTriton:
         """SIGTERM, wait (the server drains for up to 5 s), SIGKILL as a last resort; exit code."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
                 self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:
+            pass
+        finally:  # also when the wait is interrupted (a second Ctrl-C): never leave the server running
+            if self.process.poll() is None:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
@@ -330,11 +333,16 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{server.log_excerpt()}", file=sys.stderr)
         return rc or 1
     except (KeyboardInterrupt, _Stop):
-        print("kaem-serve: stopping", file=sys.stderr)
+        print("kaem-serve: stopping (requests in flight get up to 5 s to finish; Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
         return 0
     finally:
         was_running = server.running
-        rc = server.stop()
+        try:
+            rc = server.stop()
+        except (KeyboardInterrupt, _Stop):  # a second Ctrl-C or SIGTERM during the drain
+            rc = 0
+            print("kaem-serve: stopped at once; requests still in flight were cut", file=sys.stderr)
         signal.signal(signal.SIGTERM, previous)
         if was_running and rc not in (0, -signal.SIGTERM):
             print(f"kaem-serve: tritonserver stopped with code {rc}", file=sys.stderr)

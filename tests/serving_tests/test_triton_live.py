@@ -252,6 +252,44 @@ def test_kaem_serve_runs_until_sigterm_and_stops_cleanly(repo, tmp_path):
     check_ports("127.0.0.1", {"gRPC": ports[0], "HTTP": ports[1], "metrics": ports[2]})
 
 
+def _child_pids(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in "ZX":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_a_second_ctrl_c_stops_at_once_and_leaves_no_server(repo, tmp_path):
+    ports = free_ports(3)
+    args = ["--model-repository", str(repo), "--grpc-port", str(ports[0]), "--http-port", str(ports[1]),
+            "--metrics-port", str(ports[2]), "--log-file", str(tmp_path / "log.txt")]
+    # Ctrl-C as a terminal sends it: SIGINT with Python's default handler (a background test runner may ignore it)
+    proc = subprocess.Popen([sys.executable, "-m", "serving.local.launcher", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        line = proc.stdout.readline()
+        assert "Triton ready with models" in line, proc.stderr.read() if proc.poll() is not None else line
+        (server_pid,) = _child_pids(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        first = proc.stderr.readline()
+        assert "stopping" in first and "Ctrl-C again" in first
+        proc.send_signal(signal.SIGINT)  # during the drain: Triton takes a second or more to exit
+        assert proc.wait(30) == 0
+        rest = proc.stderr.read()
+        assert "stopped at once" in rest and "Traceback" not in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not _child_pids(proc.pid) and not Path(f"/proc/{server_pid}/stat").exists()  # no orphaned tritonserver
+    check_ports("127.0.0.1", {"gRPC": ports[0], "HTTP": ports[1], "metrics": ports[2]})
+
+
 def test_loadtest_short_sweep_completes(server, tmp_path, capsys):
     try:
         loadtest.ensure_perf_analyzer()

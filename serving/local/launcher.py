@@ -118,6 +118,9 @@ def check_repository(repo: str | Path) -> list[str]:
     for model_dir in models:
         config = model_dir / "config.pbtxt"
         if not config.is_file():
+            if not any(model_dir.glob("[0-9]*/model.*")):  # a fresh clone's placeholder folder
+                raise LaunchError(f"model {model_dir.name!r} in {repo} has not been exported yet: run make demo, or"
+                                  f" kaem-export --checkpoint PATH --model-name {model_dir.name}")
             raise LaunchError(f"{model_dir} has no config.pbtxt (every folder in the repository is a model)")
         try:
             cfg = parse_config(config.read_text())

@@ -205,6 +205,12 @@ def test_kaem_serve_says_when_the_repository_is_empty_or_unexported(tmp_path, ca
     assert launcher.main(["--model-repository", str(model.parent)]) == 2
     err = capsys.readouterr().err
     assert "version 1 has no model.onnx" in err and "export the model first" in err
+    fresh = tmp_path / "fresh" / "kaem_fmnist" / "1"  # a clean clone: the placeholder folder only
+    fresh.mkdir(parents=True)
+    (fresh / ".gitkeep").touch()
+    assert launcher.main(["--model-repository", str(fresh.parent.parent), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "model 'kaem_fmnist'" in err and "has not been exported yet: run make demo" in err
 
 
 def test_kaem_serve_refuses_a_model_file_that_is_not_the_exported_one(tmp_path, capsys):

@@ -13,8 +13,8 @@ through floating point until the final 23-bit mantissa, which is exact in double
 
 Truncation (``u' = 0.5 + T (u - 0.5)`` on the ITS columns, in double, then rounded to float) is per row, since
 Triton batches rows of different requests; rows with T == 1 get the untruncated u by a Where, as
-:func:`training.uniforms.truncate` returns u untouched there. ``truncation`` arrives as FP32, so the eager side
-matches only for the float32 value of T (``seeds_to_u(..., float(np.float32(T)))``); for T = 1 that is moot.
+:func:`training.uniforms.truncate` returns u untouched there. ``truncation`` arrives as FP32, and
+:func:`training.uniforms.truncate` rounds T to float32 too, so both compute with the same T.
 The graph does not validate its inputs: negative seeds or T outside (0, 1] are the client's to refuse.
 """
 

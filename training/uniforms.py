@@ -100,13 +100,16 @@ def u_layout(prior_kind: str, P: int, Q: int) -> tuple[int, int]:
 def truncate(u: np.ndarray, truncation: float, its_start: int) -> np.ndarray:
     """Truncation trick on the ITS uniforms only: ``u' = 0.5 + T (u - 0.5)``; T = 1 is off (u is
     returned bit for bit: float32 ``(u - 0.5) + 0.5`` would drop low bits of small u).
-    Component-selection uniforms (columns before ``its_start``) are never touched."""
+    Component-selection uniforms (columns before ``its_start``) are never touched. T itself is first rounded to
+    float32, the type of the seed model's ``truncation`` input (export/seed_graph.py), so that a seed and a T
+    give the same u whether the client or the served graph computes it."""
     if not 0.0 < truncation <= 1.0:
         raise ValueError(f"truncation must be in (0, 1], got {truncation}")
+    t = float(np.float32(truncation))
     out = np.array(u, dtype=np.float32, copy=True)
-    if truncation != 1.0:
+    if t != 1.0:
         its = out[..., its_start:].astype(np.float64)
-        out[..., its_start:] = (0.5 + truncation * (its - 0.5)).astype(np.float32)
+        out[..., its_start:] = (0.5 + t * (its - 0.5)).astype(np.float32)
     return out
 
 

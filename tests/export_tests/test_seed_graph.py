@@ -59,7 +59,7 @@ def test_seed_graph_matches_seeds_to_u(dim: int, its_start: int, truncation: flo
     model = build_seed_model(dim, its_start)
     onnx.checker.check_model(model, full_check=True)
     (u,) = session(model).run([INPUT_U], feeds(SEEDS, truncation))
-    assert_bitwise_equal(u, seeds_to_u(SEEDS, dim, its_start, float(np.float32(truncation))))
+    assert_bitwise_equal(u, seeds_to_u(SEEDS, dim, its_start, truncation))
     if truncation == 1.0:  # no rounding of T involved: the plain generator
         assert_bitwise_equal(u, seeds_to_u(SEEDS, dim, its_start))
     else:

@@ -179,6 +179,15 @@ def test_truncate_touches_only_its_columns() -> None:
     assert np.all(truncate(u, 1e-6, 0) > 0) and np.all(truncate(u, 1e-6, 0) < 1)
 
 
+def test_truncate_uses_t_rounded_to_float32_as_the_seed_model_receives_it() -> None:
+    u = uniforms_for_seeds(np.arange(1000), 8)
+    t32 = float(np.float32(0.7))
+    assert t32 != 0.7 and np.array_equal(truncate(u, 0.7, 0), truncate(u, t32, 0))
+    by_double = (0.5 + 0.7 * (u.astype(np.float64) - 0.5)).astype(np.float32)
+    assert not np.array_equal(truncate(u, 0.7, 0), by_double)  # so the rounding is not a no-op here
+    assert np.array_equal(truncate(u, 1 - 1e-9, 0), u)  # a T that is 1 in float32 is no truncation
+
+
 @pytest.mark.parametrize("t", [0.0, -0.5, 1.0001, 2.0, float("nan")])
 def test_truncate_rejects_bad_t(t: float) -> None:
     with pytest.raises(ValueError):

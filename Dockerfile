@@ -32,4 +32,5 @@ CMD ["tritonserver", \
      "--exit-timeout-secs=5", \
      "--metrics-config=summary_latencies=true", \
      "--metrics-config=summary_quantiles=0.5:0.05,0.9:0.01,0.99:0.001", \
+     "--cache-config=local,size=67108864", \
      "--model-control-mode=none"]

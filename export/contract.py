@@ -17,12 +17,22 @@ from training.uniforms import GENERATOR_VERSION, PRIOR_KINDS, seeds_to_u, u_layo
 
 # v2: the prior kinds "folded" and "independent" (u layouts a v1 client cannot build) and the latent-health
 # metadata; the default Fashion-MNIST model moved from the univariate [P] to the mixture [2Q] layout.
-CONTRACT_VERSION = "kaem-serve-contract-v2"
+# v3: the input kind (``inputs``): "u" models take the uniforms, "seed" models the seeds and compute the
+# uniforms in the graph (export/seed_graph.py).
+CONTRACT_VERSION = "kaem-serve-contract-v3"
 
-# Input: FP32 uniforms [batch, D]; D = P (univariate, folded), Q·P (independent) or 2Q (mixture:
+# Input of a "u" model: FP32 uniforms [batch, D]; D = P (univariate, folded), Q·P (independent) or 2Q (mixture:
 # selection, then ITS).
 INPUT_U = "u"
 INPUT_U_DTYPE = "TYPE_FP32"
+# Inputs of a "seed" model, one row per image: the seed (INT64 [batch, 1]) and the truncation T (FP32
+# [batch, 1], 1 = none), the same seed -> image as the "u" model given seeds_to_u(seed, ..., T).
+INPUT_SEED = "seed"
+INPUT_SEED_DTYPE = "TYPE_INT64"
+INPUT_TRUNCATION = "truncation"
+INPUT_TRUNCATION_DTYPE = "TYPE_FP32"
+INPUT_KINDS = ("u", "seed")
+SEED_MODEL_SUFFIX = "_seed"  # kaem-export --seed-model publishes <name>_seed beside <name>
 # Outputs: UINT8 images [batch, H, W, C] and the FP32 decoder mean [batch, H, W, C] in [0, 1].
 OUTPUT_IMAGES = "images"
 OUTPUT_IMAGES_DTYPE = "TYPE_UINT8"
@@ -59,6 +69,7 @@ class ModelContract:
     contract_version: str = CONTRACT_VERSION
     generator_version: str = GENERATOR_VERSION
     precision: str = "fp32"
+    inputs: str = "u"  # one of INPUT_KINDS
 
     @property
     def u_dim(self) -> int:
@@ -118,6 +129,8 @@ class ModelContract:
                 f"model was exported for seed generator {self.generator_version!r}, this software uses"
                 f" {GENERATOR_VERSION!r}: the same seed would give a different image"
             )
+        if self.inputs not in INPUT_KINDS:
+            raise ContractError(f"unknown input kind {self.inputs!r} (this software knows {', '.join(INPUT_KINDS)})")
         if self.precision not in PRECISIONS:
             raise ContractError(f"unknown precision {self.precision!r} (this software knows {', '.join(PRECISIONS)})")
         if self.prior_kind not in PRIOR_KINDS:
@@ -135,6 +148,26 @@ CANARY_SEEDS = tuple(range(8))
 def canary_u(contract: ModelContract) -> np.ndarray:
     """The canary request's uniforms ``[8, D]``: the served u of :data:`CANARY_SEEDS`, no truncation."""
     return seeds_to_u(CANARY_SEEDS, contract.u_dim, contract.its_start)
+
+
+def seed_feed(seeds, truncation: float | np.ndarray = 1.0) -> dict[str, np.ndarray]:
+    """A seed model's inputs for ``seeds`` (one row each) at ``truncation`` (a number, or one per row)."""
+    s = np.asarray(list(seeds), dtype=np.int64).reshape(-1, 1)
+    t = np.broadcast_to(np.asarray(truncation, dtype=np.float32).reshape(-1, 1), s.shape)
+    return {INPUT_SEED: s, INPUT_TRUNCATION: np.ascontiguousarray(t)}
+
+
+def request_rows(seeds, contract: ModelContract, truncation: float = 1.0) -> dict[str, np.ndarray]:
+    """The input tensors (one row per seed) that ask a model of ``contract`` for these seeds' images: the
+    uniforms for a "u" model, the seeds and truncation for a "seed" model. Same seeds, same images."""
+    if contract.inputs == "seed":
+        return seed_feed(seeds, truncation)
+    return {INPUT_U: seeds_to_u(list(seeds), contract.u_dim, contract.its_start, truncation)}
+
+
+def canary_rows(contract: ModelContract) -> dict[str, np.ndarray]:
+    """The canary request (:data:`CANARY_SEEDS`, no truncation) for a model of either input kind."""
+    return request_rows(CANARY_SEEDS, contract)
 
 
 def canary_sha256(images: np.ndarray) -> str:

@@ -24,11 +24,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, ContractError, ModelContract
+from export.contract import (
+    INPUT_SEED,
+    INPUT_TRUNCATION,
+    INPUT_U,
+    OUTPUT_IMAGES,
+    OUTPUT_MEAN,
+    ContractError,
+    ModelContract,
+)
 from training.uniforms import GENERATOR_VERSION
 
-INPUT_SEED = "seed"
-INPUT_TRUNCATION = "truncation"
 SEED_OPSET = 18  # BitwiseXor
 IR_VERSION = 10  # = export.to_onnx.MAX_IR_VERSION (not imported from there: that module imports torch)
 # Every name the subgraph adds (nodes, intermediate tensors, constants) starts with this, so that composing it

@@ -6,6 +6,7 @@ repository as a new numbered version, after graph checks and an onnxruntime-vs-e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -24,15 +25,21 @@ import torch
 from export.contract import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MODEL_NAME,
+    INPUT_SEED,
+    INPUT_TRUNCATION,
     INPUT_U,
     OUTPUT_IMAGES,
     OUTPUT_MEAN,
     PRECISIONS,
+    SEED_MODEL_SUFFIX,
     ModelContract,
+    canary_rows,
     canary_sha256,
     canary_u,
+    seed_feed,
 )
 from export.module import ExportError, ServedGenerator
+from export.seed_graph import with_seed_inputs
 from export.triton_config import (
     ARTIFACT_KEY,
     ARTIFACTS,
@@ -51,6 +58,7 @@ from training.cli import HelpFormatter, UserError, command
 from training.eval.health import LatentHealth, latent_health
 from training.io import atomic_write_bytes
 from training.model.kaem import KAEM
+from training.uniforms import seeds_to_u
 
 DEFAULT_OPSET = 18
 MAX_IR_VERSION = 10  # onnxruntime in tritonserver 24.10 loads IR <= 10
@@ -75,6 +83,7 @@ class ExportReport:
     ms_per_image_ort: float
     ops: list[str]
     health: LatentHealth
+    seed_model: Path | None = None  # <name>_seed/<version>/model.onnx when exported with seed_model=True
 
 
 def contract_for(model: KAEM, precision: str = "fp32") -> ModelContract:
@@ -187,6 +196,28 @@ def canary_digest(sess, contract: ModelContract) -> str:
     return canary_sha256(images)
 
 
+def seed_model_proto(u_proto: onnx.ModelProto, contract: ModelContract) -> onnx.ModelProto:
+    """The seed model of an exported ``u`` graph: the in-graph generator in front, contract ``inputs="seed"``."""
+    proto = with_seed_inputs(u_proto, contract.its_start)
+    meta = {**{p.key: p.value for p in proto.metadata_props},
+            **dataclasses.replace(contract, inputs="seed").to_metadata()}
+    del proto.metadata_props[:]
+    for k, v in sorted(meta.items()):
+        proto.metadata_props.add(key=k, value=v)
+    return proto
+
+
+def check_seed_parity(u_sess, seed_sess, contract: ModelContract, n: int = 256) -> None:
+    """The seed model must give the ``u`` model's images bit for bit for the same seeds, at T = 1 and 0.7."""
+    seeds = list(range(n))
+    for t in (1.0, 0.7):
+        want = u_sess.run([OUTPUT_IMAGES], {INPUT_U: seeds_to_u(seeds, contract.u_dim, contract.its_start, t)})[0]
+        got = seed_sess.run([OUTPUT_IMAGES], seed_feed(seeds, t))[0]
+        if not np.array_equal(got, want):
+            raise ExportError(f"the seed model's images differ from the u model's for seeds 0-{n - 1} at truncation"
+                              f" {t} (max {int(np.abs(got.astype(int) - want).max())} grey levels): not published")
+
+
 def ort_ms_per_image(sess, u_dim: int, batch: int = 64, reps: int = 5) -> float:
     u = np.random.default_rng(0).random((batch, u_dim), dtype=np.float32)
     sess.run([OUTPUT_IMAGES], {INPUT_U: u})
@@ -263,8 +294,10 @@ def rollback(model_dir: Path) -> tuple[int, int]:
 def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "model_repository",
                       model_name: str = DEFAULT_MODEL_NAME, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                       opset: int = DEFAULT_OPSET, keep_versions: int = 2, precision: str = "fp32",
-                      queue: Mapping[str, int] | None = None) -> ExportReport:
-    """Export, check and publish a checkpoint; ``queue``: render_config's max_queue_size / queue_timeout_us."""
+                      queue: Mapping[str, int] | None = None, seed_model: bool = False) -> ExportReport:
+    """Export, check and publish a checkpoint; ``queue``: render_config's max_queue_size / queue_timeout_us;
+    ``seed_model``: also publish ``<model_name>_seed``, the same graph behind the in-graph seed generator
+    (inputs ``seed`` and ``truncation``, Triton's response cache on), after checking it gives the same images."""
     model, ckpt = load_model(checkpoint, kaem_only=True)
     contract = contract_for(model, precision)
     health = latent_health(model)
@@ -283,11 +316,25 @@ def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "mo
                                                                   artifacts=records, **(queue or {})),
                               model_dir, keep_versions,
                               canary=canary_digest(sess, contract))
+            seed_path = None
+            if seed_model:
+                seed_file = Path(tmp) / "seed" / "model.onnx"
+                seed_file.parent.mkdir()
+                onnx.save(seed_model_proto(proto, contract), seed_file)
+                seed_sess = ort_session(seed_file)
+                check_seed_parity(sess, seed_sess, contract)
+                seed_contract, seed_dir = dataclasses.replace(contract, inputs="seed"), model_dir.with_name(
+                    model_name + SEED_MODEL_SUFFIX)
+                (images,) = seed_sess.run([OUTPUT_IMAGES], canary_rows(seed_contract))
+                seed_version = publish(seed_file, lambda records: render_config(
+                    seed_dir.name, seed_contract, max_batch_size=max_batch_size, artifacts=records, **(queue or {})),
+                    seed_dir, keep_versions, canary=canary_sha256(images))
+                seed_path = seed_dir / str(seed_version) / "model.onnx"
         except OSError as err:  # an uncreatable or read-only repository, a full disk
             raise ExportError(f"cannot install the model under {model_dir}: {err.strerror or err}"
                               f"{f' ({err.filename})' if err.filename else ''}") from err
     return ExportReport(model_dir / str(version) / "model.onnx", version, contract, size, mean_diff, px_diff,
-                        ms, ops, health)
+                        ms, ops, health, seed_path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-timeout-us", type=int, default=DEFAULT_QUEUE_TIMEOUT_US,
                    help="reject a request that has waited this long in the queue (0: never; a client's own timeout "
                    "may be shorter)")
+    p.add_argument("--seed-model", action="store_true",
+                   help=f"also publish <model-name>{SEED_MODEL_SUFFIX}: the same graph with the seed generator inside "
+                   f"(inputs {INPUT_SEED} INT64 and {INPUT_TRUNCATION} FP32 per row, no client-side uniforms) and "
+                   "Triton's response cache on, so a repeated seed is answered from the cache")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 18)")
     p.add_argument("--keep-versions", type=int, default=2, help="version folders with a model to keep")
     return p
@@ -354,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--model-name {args.model_name!r}: use letters, digits, '_' and '-'")
     r = export_checkpoint(args.checkpoint, args.model_repository, args.model_name, args.max_batch_size,
                           args.opset, args.keep_versions, args.precision,
-                          queue={"max_queue_size": args.max_queue_size, "queue_timeout_us": args.queue_timeout_us})
+                          queue={"max_queue_size": args.max_queue_size, "queue_timeout_us": args.queue_timeout_us},
+                          seed_model=args.seed_model)
     c = r.contract
     print(f"exported {r.path} (version {r.version}, {r.size_bytes / 1e6:.2f} MB)")
     print(f"  input  {INPUT_U}: FP32 [batch, {c.u_dim}]  ({c.u_layout_text})")
@@ -366,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  latent health: {r.health.summary()}")
     for w in r.health.warnings():
         print(f"  warning: {w}")
+    if r.seed_model is not None:
+        print(f"exported {r.seed_model}: inputs {INPUT_SEED} INT64 [batch, 1], {INPUT_TRUNCATION} FP32 [batch, 1];"
+              " the same images as the u model for seeds 0-255 at truncation 1 and 0.7; response cache on")
     print(f"  config: {Path(args.model_repository) / args.model_name / 'config.pbtxt'}")
     return 0
 

@@ -16,6 +16,10 @@ from tritonclient.grpc import model_config_pb2
 
 from export.contract import (
     DEFAULT_MAX_BATCH_SIZE,
+    INPUT_SEED,
+    INPUT_SEED_DTYPE,
+    INPUT_TRUNCATION,
+    INPUT_TRUNCATION_DTYPE,
     INPUT_U,
     INPUT_U_DTYPE,
     METADATA_PREFIX,  # key prefix of ModelContract.to_metadata()
@@ -74,12 +78,13 @@ DEFAULT_SESSION_PARAMETERS: dict[str, str] = {
 BACKEND = "onnxruntime"
 DEFAULT_MODEL_FILENAME = "model.onnx"
 
-_IO = (
-    # (section, name, Triton dtype, dims from the contract)
-    ("input", INPUT_U, INPUT_U_DTYPE, lambda c: (c.u_dim,)),
-    ("output", OUTPUT_IMAGES, OUTPUT_IMAGES_DTYPE, lambda c: (c.image_h, c.image_w, c.image_c)),
-    ("output", OUTPUT_MEAN, OUTPUT_MEAN_DTYPE, lambda c: (c.image_h, c.image_w, c.image_c)),
-)
+def io_tensors(contract: ModelContract) -> tuple[tuple[str, str, str, tuple[int, ...]], ...]:
+    """(section, name, Triton dtype, dims without the batch) of every tensor a model of ``contract`` has."""
+    image = (contract.image_h, contract.image_w, contract.image_c)
+    inputs = (("input", INPUT_U, INPUT_U_DTYPE, (contract.u_dim,)),) if contract.inputs == "u" else (
+        ("input", INPUT_SEED, INPUT_SEED_DTYPE, (1,)), ("input", INPUT_TRUNCATION, INPUT_TRUNCATION_DTYPE, (1,)))
+    return (*inputs, ("output", OUTPUT_IMAGES, OUTPUT_IMAGES_DTYPE, image),
+            ("output", OUTPUT_MEAN, OUTPUT_MEAN_DTYPE, image))
 
 # ONNX TensorProto element types -> Triton dtypes (only those a KAEM graph can carry).
 _ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 6: "TYPE_INT32", 7: "TYPE_INT64",
@@ -137,8 +142,8 @@ def render_config(
                                 f"{max_queue_delay_us}, {max_queue_size}, {queue_timeout_us}")
     preferred = sorted({int(b) for b in preferred_batch_sizes if 0 < int(b) <= max_batch_size})
     blocks = {"input": [], "output": []}
-    for section, name, dtype, dims in _IO:
-        blocks[section].append(_tensor_block(name, dtype, dims(contract)))
+    for section, name, dtype, dims in io_tensors(contract):
+        blocks[section].append(_tensor_block(name, dtype, dims))
     unknown = sorted(set(session or {}) - set(DEFAULT_SESSION_PARAMETERS))
     if unknown:
         raise TritonConfigError(f"unknown onnxruntime session settings {unknown}; "
@@ -157,11 +162,17 @@ def render_config(
                      f"    max_queue_size: {max_queue_size}\n  }}\n")
     if preferred:
         batching = f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" + batching
+    # zeros: u = 0 (clamped in the graph), or seed 0 at T = 0 (every ITS uniform 0.5)
+    zeros = "\n".join(f'    inputs {{\n      key: "{name}"\n      value: {{ data_type: {dtype} dims: [ '
+                      f'{", ".join(map(str, dims))} ] zero_data: true }}\n    }}'
+                      for section, name, dtype, dims in io_tensors(contract) if section == "input")
     warmups = "model_warmup [\n" + ",\n".join(
-        f'  {{\n    name: "u_zeros_batch_{b}"\n    batch_size: {b}\n    inputs {{\n      key: "{INPUT_U}"\n'
-        f"      value: {{ data_type: {INPUT_U_DTYPE} dims: [ {contract.u_dim} ] zero_data: true }}\n    }}\n  }}"
+        f'  {{\n    name: "{contract.inputs}_zeros_batch_{b}"\n    batch_size: {b}\n{zeros}\n  }}'
         for b in sorted({1, max_batch_size})
     ) + "\n]\n" if warmup else ""
+    # A seed model is a pure function of its request: Triton's response cache (the server needs --cache-config,
+    # which kaem-serve passes) answers a repeated request without running the graph.
+    cache = "response_cache {\n  enable: true\n}\n" if contract.inputs == "seed" else ""
     optimization = ""
     if tensorrt:
         optimization = (
@@ -180,6 +191,7 @@ def render_config(
         # KIND_AUTO: one instance per GPU where there are GPUs, a CPU instance otherwise.
         "instance_group [\n  {\n    kind: KIND_AUTO\n    count: 1\n  }\n]\n"
         f"dynamic_batching {{\n{batching}}}\n"
+        f"{cache}"
         f"{warmups}"
         f"{optimization}"
         f"parameters [\n{params}\n]\n"
@@ -244,7 +256,7 @@ def check_config_against_contract(cfg: model_config_pb2.ModelConfig, contract: M
     if cfg.max_batch_size < 1:
         problems.append(f"max_batch_size is {cfg.max_batch_size}; the contract needs batch as dimension 0")
     have = {("input", t.name): t for t in cfg.input} | {("output", t.name): t for t in cfg.output}
-    for section, name, dtype, dims in _IO:
+    for section, name, dtype, dims in io_tensors(contract):
         t = have.get((section, name))
         if t is None:
             problems.append(f"{section} {name!r} is missing")
@@ -252,8 +264,8 @@ def check_config_against_contract(cfg: model_config_pb2.ModelConfig, contract: M
         got_dtype = model_config_pb2.DataType.Name(t.data_type)
         if got_dtype != dtype:
             problems.append(f"{section} {name!r} has data_type {got_dtype}, the contract says {dtype}")
-        if tuple(t.dims) != dims(contract):
-            problems.append(f"{section} {name!r} has dims {list(t.dims)}, the contract says {list(dims(contract))}")
+        if tuple(t.dims) != dims:
+            problems.append(f"{section} {name!r} has dims {list(t.dims)}, the contract says {list(dims)}")
     if problems:
         raise ContractError(f"model config {cfg.name!r} disagrees with its contract: " + "; ".join(problems))
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from export.contract import CANARY_SEEDS, OUTPUT_IMAGES, canary_sha256, canary_u
+from export.contract import CANARY_SEEDS, OUTPUT_IMAGES, canary_rows, canary_sha256
 from export.triton_config import recorded_artifacts
 from serving.client import ServingError, connect, infer_inputs, server_parser
 from training.cli import command
@@ -29,7 +29,7 @@ def check(url: str, model: str, timeout_s: float = 10.0) -> tuple[bool, str]:
     client, served = connect(url, model, timeout_s)
     config = client.get_model_config(model, client_timeout=timeout_s).config
     try:
-        result = client.infer(model, infer_inputs(canary_u(served.contract)),
+        result = client.infer(model, infer_inputs(canary_rows(served.contract)),
                               outputs=[grpcclient.InferRequestedOutput(OUTPUT_IMAGES)], client_timeout=timeout_s)
     except InferenceServerException as err:
         raise ServingError(f"the canary request to {model!r} at {url} failed: {err.message() or err}") from None

@@ -14,16 +14,16 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from prometheus_client import CollectorRegistry, Histogram
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from export.contract import DEFAULT_MODEL_NAME, INPUT_U, OUTPUT_IMAGES, ContractError, ModelContract
+from export.contract import DEFAULT_MODEL_NAME, INPUT_U, OUTPUT_IMAGES, ContractError, ModelContract, request_rows
 from export.triton_config import contract_from_config
 from serving.metrics import histogram_quantile
 from training import uniforms
@@ -187,24 +187,40 @@ def u_for_contract(seeds: Sequence[int], contract: ModelContract, truncation: fl
     return uniforms.seeds_to_u(seeds, contract.u_dim, contract.its_start, truncation)
 
 
-def infer_inputs(u: np.ndarray) -> list[grpcclient.InferInput]:
-    """The request's one input tensor (``tritonclient.grpc.aio`` takes the same objects)."""
-    inp = grpcclient.InferInput(INPUT_U, list(u.shape), "FP32")
-    inp.set_data_from_numpy(np.ascontiguousarray(u, dtype=np.float32))
-    return [inp]
+Rows = np.ndarray | Mapping[str, np.ndarray]  # u [N, D], or a request's named input tensors (request_rows)
 
 
-def _infer(client: grpcclient.InferenceServerClient, model: str, u: np.ndarray, timeout_s: float) -> np.ndarray:
+def _named(rows: Rows) -> Mapping[str, np.ndarray]:
+    return {INPUT_U: np.asarray(rows, dtype=np.float32)} if isinstance(rows, np.ndarray) else rows
+
+
+def _n_rows(rows: Rows) -> int:
+    return next(iter(_named(rows).values())).shape[0]
+
+
+def infer_inputs(rows: Rows) -> list[grpcclient.InferInput]:
+    """The request's input tensors (``tritonclient.grpc.aio`` takes the same objects): ``u`` as an array, or
+    the named tensors of :func:`export.contract.request_rows` (a seed model's ``seed`` and ``truncation``)."""
+    out = []
+    for name, array in _named(rows).items():
+        array = np.ascontiguousarray(array)
+        inp = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        inp.set_data_from_numpy(array)
+        out.append(inp)
+    return out
+
+
+def _infer(client: grpcclient.InferenceServerClient, model: str, rows: Rows, timeout_s: float) -> np.ndarray:
     """One attempt; a failure raises :class:`ServingError` with the server's message."""
-    result = _call(f"inference on {model!r}", client.infer, model, infer_inputs(u),
+    result = _call(f"inference on {model!r}", client.infer, model, infer_inputs(rows),
                    outputs=[grpcclient.InferRequestedOutput(OUTPUT_IMAGES)], client_timeout=timeout_s)
-    return _images(result, u)
+    return _images(result, rows)
 
 
-def _images(result, u: np.ndarray) -> np.ndarray:
-    images = result.as_numpy(OUTPUT_IMAGES)
-    if images is None or images.shape[0] != u.shape[0]:
-        raise ServingError(f"the server returned no/short {OUTPUT_IMAGES!r} output for {u.shape[0]} rows"
+def _images(result, rows: Rows) -> np.ndarray:
+    images, n = result.as_numpy(OUTPUT_IMAGES), _n_rows(rows)
+    if images is None or images.shape[0] != n:
+        raise ServingError(f"the server returned no/short {OUTPUT_IMAGES!r} output for {n} rows"
                            " (a numpy-2 Python backend stub does that: keep numpy<2 on the server)")
     return images
 
@@ -220,12 +236,13 @@ def _deadline_error(what: str, policy: RetryPolicy, attempts: int, spent: float,
                          f" {err.message() or err}", attempts)
 
 
-def infer_with_retries(client: grpcclient.InferenceServerClient, model: str, u: np.ndarray, timeout_s: float,
-                       policy: RetryPolicy = DEFAULT_RETRY, rng: random.Random | None = None) -> tuple[np.ndarray, int]:
-    """Images for ``u`` and the number of attempts they took. An attempt waits at most ``timeout_s`` seconds
-    (and no longer than the time left before ``policy.deadline_s``); only rejections for now
-    (:func:`rejection_kind`) are retried, after :meth:`RetryPolicy.backoff_s` drawn from ``rng`` (seed it for
-    a reproducible schedule). Raises :class:`RequestFailed` naming the last status."""
+def infer_with_retries(client: grpcclient.InferenceServerClient, model: str, u: Rows, timeout_s: float,
+                       policy: RetryPolicy = DEFAULT_RETRY, rng: random.Random | None = None
+                       ) -> tuple[np.ndarray, int]:
+    """Images for ``u`` (or a seed model's named inputs, :data:`Rows`) and the number of attempts they took. An
+    attempt waits at most ``timeout_s`` seconds (and no longer than the time left before ``policy.deadline_s``);
+    only rejections for now (:func:`rejection_kind`) are retried, after :meth:`RetryPolicy.backoff_s` drawn from
+    ``rng`` (seed it for a reproducible schedule). Raises :class:`RequestFailed` naming the last status."""
     rng = rng or random.Random()
     what, inputs = f"inference on {model!r}", infer_inputs(u)
     outputs = [grpcclient.InferRequestedOutput(OUTPUT_IMAGES)]
@@ -269,8 +286,8 @@ def generate_images(url: str, model: str, seeds: Sequence[int], truncation: floa
     limit = min(batch_size or served.max_batch_size, served.max_batch_size)
     if limit < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    u = u_for_contract(seeds, served.contract, truncation)
-    chunks = [u[i : i + limit] for i in range(0, len(u), limit)]
+    rows = request_rows(seeds, served.contract, truncation)  # u, or the seeds for a model that takes seeds
+    chunks = [{k: v[i : i + limit] for k, v in rows.items()} for i in range(0, len(seeds), limit)]
     registry = CollectorRegistry()
     hist = Histogram("kaem_client_request_seconds", "Client-side Triton request latency",
                      ["model"], buckets=LATENCY_BUCKETS, registry=registry)
@@ -278,7 +295,7 @@ def generate_images(url: str, model: str, seeds: Sequence[int], truncation: floa
     local, opened, attempts = threading.local(), [client], []
     rng = rng or random.Random()
 
-    def run(chunk: np.ndarray) -> np.ndarray:
+    def run(chunk: Rows) -> np.ndarray:
         if concurrency == 1:
             local.client = client
         elif not hasattr(local, "client"):

@@ -37,7 +37,10 @@ SUMMARY_METRICS_ARGS = ("--metrics-config=summary_latencies=true",
 # The server flags local and production serving share, one source: the Dockerfile's CMD is `tritonserver
 # --model-repository=/models` followed by these and model_control_args("none") (tests/test_dockerfile.py).
 # Serve exactly the config on disk (no auto-completion); drain for up to 5 s on SIGTERM.
-SERVING_ARGS = ("--disable-auto-complete-config", "--exit-timeout-secs=5", *SUMMARY_METRICS_ARGS)
+# Triton's response cache, 64 MiB in memory: used by the models whose config enables it (kaem-export --seed-model;
+# a seed model's ~4 KB per image holds ~16,000 single-image answers); the others never touch it.
+CACHE_ARGS = ("--cache-config=local,size=67108864",)
+SERVING_ARGS = ("--disable-auto-complete-config", "--exit-timeout-secs=5", *SUMMARY_METRICS_ARGS, *CACHE_ARGS)
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 
 

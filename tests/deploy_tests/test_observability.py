@@ -129,7 +129,7 @@ def stack(tmp_path_factory):
     write_toy_model(repo / CACHED_MODEL, config_text=cached_config + "response_cache {\n  enable: true\n}\n")
     grpc_port, http_port, metrics_port = free_ports(3)
     with LocalTriton(repo, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
-                     log_file=tmp / "tritonserver.log", extra_args=["--cache-config=local,size=1048576"]) as triton:
+                     log_file=tmp / "tritonserver.log") as triton:  # kaem-serve's flags include the cache
         config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
         (job,) = config["scrape_configs"]
         (static,) = job["static_configs"]

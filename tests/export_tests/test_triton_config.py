@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+import numpy as np
 import onnx
 import pytest
 from tritonclient.grpc import model_config_pb2
@@ -58,6 +59,25 @@ def test_config_parses_with_triton_schema_and_follows_the_contract(contract):
                                                                       **contract.to_metadata()}
     assert not cfg.HasField("optimization")  # no TensorRT accelerator by default: loads on CPU too
     assert contract_from_config(cfg) == contract
+
+
+def test_a_seed_model_config_takes_seeds_caches_responses_and_warms_up_on_seeds():
+    seed = dataclasses.replace(TOY_CONTRACT, inputs="seed")
+    cfg = parse_config(render_config("kaem_x_seed", seed, max_batch_size=16))
+    assert [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in cfg.input] == [
+        (C.INPUT_SEED, "TYPE_INT64", [1]), (C.INPUT_TRUNCATION, "TYPE_FP32", [1])]
+    assert cfg.response_cache.enable and contract_from_config(cfg) == seed
+    assert [sorted(w.inputs) for w in cfg.model_warmup] == [[C.INPUT_SEED, C.INPUT_TRUNCATION]] * 2
+    plain = parse_config(render_config("kaem_x", TOY_CONTRACT, max_batch_size=16))
+    assert not plain.response_cache.enable  # a u model's requests are floats: no cache
+    with pytest.raises(C.ContractError, match="input 'seed' is missing"):
+        check_config_against_contract(plain, seed)
+    with pytest.raises(C.ContractError, match="unknown input kind 'noise'"):
+        dataclasses.replace(TOY_CONTRACT, inputs="noise").check_compatible()
+    rows = C.request_rows([3, 4], seed, 0.7)
+    assert rows[C.INPUT_SEED].dtype == np.int64 and rows[C.INPUT_SEED].shape == (2, 1)
+    assert rows[C.INPUT_TRUNCATION].tolist() == [[np.float32(0.7)]] * 2
+    assert C.request_rows([3, 4], TOY_CONTRACT, 0.7)[C.INPUT_U].shape == (2, TOY_CONTRACT.u_dim)
 
 
 def test_bounded_queue_rejects_and_warm_up_runs_at_load():

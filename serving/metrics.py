@@ -31,6 +31,9 @@ _COUNTERS = {
     "nv_inference_compute_infer_duration_us": "compute_infer_us",
     "nv_inference_compute_output_duration_us": "compute_output_us",
     "nv_inference_pending_request_count": "pending",
+    # Triton's response cache, per model (only models whose config enables it: seed models)
+    "nv_cache_num_hits_per_model": "cache_hits",
+    "nv_cache_num_misses_per_model": "cache_misses",
 }
 _SUMMARY = "nv_inference_request_summary_us"
 
@@ -187,6 +190,8 @@ def format_report(stats: dict) -> str:
             failures = {r: n for r, n in s["failures"].items() if n}
             if failures:
                 rows.append(" " * 25 + "failures: " + ", ".join(f"{r}={n:.0f}" for r, n in sorted(failures.items())))
+            if s["cache_hits"] or s["cache_misses"]:
+                rows.append(" " * 25 + f"response cache: {s['cache_hits']:,.0f} hits, {s['cache_misses']:,.0f} misses")
     rows.append("p50/p90/p99: Triton's sliding-window summary (this replica only); queue/compute: average per"
                 " successful request; avg batch: rows / executions")
     return "\n".join(rows)

@@ -12,20 +12,23 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from export.contract import DEFAULT_MODEL_NAME, INPUT_U, ModelContract
+from export.contract import DEFAULT_MODEL_NAME, INPUT_SEED, INPUT_TRUNCATION, INPUT_U, ModelContract, request_rows
 from export.triton_config import contract_from_config, parse_config
-from serving.client import ServingError, u_for_contract
+from serving.client import ServingError
 from training.cli import command
 
 
 def perf_input_data(contract: ModelContract, n: int = 64, first_seed: int = 0, truncation: float = 1.0) -> dict:
     """``{"data": [{"u": {"content": [...], "shape": [D]}}, ...]}`` for seeds ``first_seed ..
-    first_seed+n-1`` (perf_analyzer uses the entries round-robin; the shape excludes the batch)."""
+    first_seed+n-1`` (perf_analyzer uses the entries round-robin; the shape excludes the batch); for a seed
+    model each entry is ``{"seed": {"content": [s], "shape": [1]}, "truncation": {...}}``."""
     if n < 1:
         raise ValueError(f"need at least one entry, got n={n}")
-    u = u_for_contract(range(first_seed, first_seed + n), contract, truncation)
-    # float(x) of a float32 round-trips exactly and always prints as a float ("1.0", never "1")
-    return {"data": [{INPUT_U: {"content": [float(x) for x in row], "shape": [contract.u_dim]}} for row in u]}
+    rows = request_rows(range(first_seed, first_seed + n), contract, truncation)
+    # .item() of a float32 gives the float that round-trips exactly and always prints as one ("1.0", never
+    # "1"); of an int64, the int
+    return {"data": [{name: {"content": [x.item() for x in a[i]], "shape": [a.shape[1]]} for name, a in rows.items()}
+                     for i in range(n)]}
 
 
 def write_perf_input(path: str | Path, contract: ModelContract, n: int = 64, first_seed: int = 0,
@@ -59,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = write_perf_input(args.out, contract, args.n, args.first_seed)
     except OSError as err:
         raise ServingError(f"cannot write {args.out}: {err}") from err
-    print(f"wrote {path}: {args.n} entries of {INPUT_U}[{contract.u_dim}]")
+    tensors = f"{INPUT_U}[{contract.u_dim}]" if contract.inputs == "u" else f"{INPUT_SEED}[1], {INPUT_TRUNCATION}[1]"
+    print(f"wrote {path}: {args.n} entries of {tensors}")
     return 0
 
 

@@ -5,6 +5,7 @@ and every CLI's --help."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -130,6 +131,24 @@ def test_perf_input_data_holds_valid_float_uniforms():
     assert ((content > 0) & (content < 1)).all()
     numbers = json.loads(text, parse_float=lambda s: ("float", s), parse_int=lambda s: ("int", s))
     assert {kind for e in numbers["data"] for kind, _ in e[INPUT_U]["content"]} == {"float"}
+
+
+def test_perf_input_data_for_a_seed_model_holds_seeds_and_truncation():
+    seed = dataclasses.replace(TOY_CONTRACT, inputs="seed")
+    data = perf_input_data(seed, n=3, first_seed=7, truncation=0.5)
+    assert data["data"] == [{"seed": {"content": [s], "shape": [1]}, "truncation": {"content": [0.5], "shape": [1]}}
+                            for s in (7, 8, 9)]
+
+
+def test_metrics_report_shows_response_cache_hits_per_model():
+    text = ('nv_cache_num_hits_per_model{model="kaem_seed",version="1"} 12\n'
+            'nv_cache_num_misses_per_model{model="kaem_seed",version="1"} 30\n'
+            'nv_inference_request_success{model="kaem_seed",version="1"} 42\n'
+            'nv_inference_request_success{model="kaem",version="1"} 5\n')
+    stats = metrics.parse_metrics(text)
+    assert stats["kaem_seed"]["1"]["cache_hits"] == 12 and stats["kaem"]["1"]["cache_hits"] == 0
+    report = metrics.format_report(stats)
+    assert "response cache: 12 hits, 30 misses" in report and report.count("response cache") == 1
 
 
 def test_concurrency_specs():

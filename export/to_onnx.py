@@ -311,24 +311,25 @@ def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "mo
         ms = ort_ms_per_image(sess, contract.u_dim)
         size = path.stat().st_size
         model_dir = Path(model_repository) / model_name
+        seed_dir, seed_contract = model_dir.with_name(model_name + SEED_MODEL_SUFFIX), None
+        if seed_model:  # built and checked before anything is published: a failed check publishes nothing
+            seed_file = Path(tmp) / "seed" / "model.onnx"
+            seed_file.parent.mkdir()
+            onnx.save(seed_model_proto(proto, contract), seed_file)
+            seed_sess = ort_session(seed_file)
+            check_seed_parity(sess, seed_sess, contract)
+            seed_contract = dataclasses.replace(contract, inputs="seed")
+            (seed_canary,) = seed_sess.run([OUTPUT_IMAGES], canary_rows(seed_contract))
         try:
             version = publish(path, lambda records: render_config(model_name, contract, max_batch_size=max_batch_size,
                                                                   artifacts=records, **(queue or {})),
                               model_dir, keep_versions,
                               canary=canary_digest(sess, contract))
             seed_path = None
-            if seed_model:
-                seed_file = Path(tmp) / "seed" / "model.onnx"
-                seed_file.parent.mkdir()
-                onnx.save(seed_model_proto(proto, contract), seed_file)
-                seed_sess = ort_session(seed_file)
-                check_seed_parity(sess, seed_sess, contract)
-                seed_contract, seed_dir = dataclasses.replace(contract, inputs="seed"), model_dir.with_name(
-                    model_name + SEED_MODEL_SUFFIX)
-                (images,) = seed_sess.run([OUTPUT_IMAGES], canary_rows(seed_contract))
+            if seed_contract is not None:
                 seed_version = publish(seed_file, lambda records: render_config(
                     seed_dir.name, seed_contract, max_batch_size=max_batch_size, artifacts=records, **(queue or {})),
-                    seed_dir, keep_versions, canary=canary_sha256(images))
+                    seed_dir, keep_versions, canary=canary_sha256(seed_canary))
                 seed_path = seed_dir / str(seed_version) / "model.onnx"
         except OSError as err:  # an uncreatable or read-only repository, a full disk
             raise ExportError(f"cannot install the model under {model_dir}: {err.strerror or err}"

@@ -210,3 +210,17 @@ def test_fp16_never_takes_the_default_name(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "cannot take the default model's name" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "kaem_fmnist").exists()
+
+
+def test_a_seed_model_that_fails_its_check_publishes_nothing(digits_ckpt: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import export.to_onnx as exporter
+    from export.module import ExportError
+
+    def differs(*args, **kwargs):
+        raise ExportError("the seed model's images differ")
+
+    monkeypatch.setattr(exporter, "check_seed_parity", differs)
+    with pytest.raises(ExportError, match="differ"):
+        export_checkpoint(digits_ckpt, tmp_path / "repo", "m", max_batch_size=8, seed_model=True)
+    assert not list(tmp_path.rglob("model.onnx")) and not list(tmp_path.rglob("config.pbtxt"))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from processes import alive, children
 from testpaths import ROOT
 from tritonclient.utils import InferenceServerException
 
@@ -87,25 +88,6 @@ def _poll_readiness(http_url: str, grpc_url: str, seen: dict[str, list], stop: t
     client.close()
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except OSError:
-        return False
-
-
 def test_sigterm_under_load_drains_in_flight_requests(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     write_toy_model(repo / MODEL, CONTRACT)
@@ -126,8 +108,8 @@ def test_sigterm_under_load_drains_in_flight_requests(tmp_path: Path) -> None:
     try:
         line = proc.stdout.readline()  # blocks until ready (or exit)
         assert "Triton ready with models" in line, proc.stderr.read() if proc.poll() is not None else line
-        (server_pid,) = _children(proc.pid)
-        stubs = [p for p in _children(server_pid) if b"triton_python_backend_stub" in Path(f"/proc/{p}/cmdline")
+        (server_pid,) = children(proc.pid)
+        stubs = [p for p in children(server_pid) if b"triton_python_backend_stub" in Path(f"/proc/{p}/cmdline")
                  .read_bytes()]
         for th in threads:
             th.start()
@@ -175,4 +157,4 @@ def test_sigterm_under_load_drains_in_flight_requests(tmp_path: Path) -> None:
     assert t_grpc is not None and t_grpc < t_exit and (grpc_answer is False or "exiting" in grpc_answer.lower())
     # Triton polls once a second for up to --exit-timeout-secs, then tears down (stubs exit): a little margin.
     assert t_exit - t_sig < exit_timeout + 3
-    assert stubs and not any(_alive(p) for p in stubs), "Python-backend stubs outlived the server"
+    assert stubs and not any(alive(p) for p in stubs), "Python-backend stubs outlived the server"

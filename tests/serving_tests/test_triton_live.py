@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
+from processes import alive, children
 from testpaths import ROOT
 from tritonclient.utils import InferenceServerException
 
@@ -258,18 +259,6 @@ def test_kaem_serve_runs_until_sigterm_and_stops_cleanly(repo, tmp_path):
     check_ports("127.0.0.1", {"gRPC": ports[0], "HTTP": ports[1], "metrics": ports[2]})
 
 
-def _child_pids(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] not in "ZX":
-            kids.append(int(stat.parent.name))
-    return kids
-
-
 def test_a_second_ctrl_c_stops_at_once_and_leaves_no_server(repo, tmp_path):
     ports = free_ports(3)
     args = ["--model-repository", str(repo), "--grpc-port", str(ports[0]), "--http-port", str(ports[1]),
@@ -281,7 +270,7 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_no_server(repo, tmp_path):
     try:
         line = proc.stdout.readline()
         assert "Triton ready with models" in line, proc.stderr.read() if proc.poll() is not None else line
-        (server_pid,) = _child_pids(proc.pid)
+        (server_pid,) = children(proc.pid)
         proc.send_signal(signal.SIGINT)
         first = proc.stderr.readline()
         while first and not first.startswith("kaem-serve:"):  # gRPC's own log lines may come first
@@ -294,7 +283,7 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_no_server(repo, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not _child_pids(proc.pid) and not Path(f"/proc/{server_pid}/stat").exists()  # no orphaned tritonserver
+    assert not alive(server_pid)  # no orphaned tritonserver
     check_ports("127.0.0.1", {"gRPC": ports[0], "HTTP": ports[1], "metrics": ports[2]})
 
 

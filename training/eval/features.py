@@ -108,8 +108,10 @@ def train_feature_net(dataset: str, root: str | Path | None = None, epochs: int 
     device = torch.device(device)
     train_x, train_y = labelled_dataset(dataset, root, "train")
     n = len(train_y)
-    torch.manual_seed(seed)
-    net = FeatureNet(image_shape(dataset), CLASSES[dataset]).to(device)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
+        torch.manual_seed(seed)
+        net = FeatureNet(image_shape(dataset), CLASSES[dataset])
+    net = net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * ((n + batch - 1) // batch)

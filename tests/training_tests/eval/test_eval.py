@@ -66,6 +66,20 @@ def digits_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_feature_net(tmp_path_factory.mktemp("features") / "digits.pt", net, "digits", acc, 10, 0)
 
 
+def test_feature_net_init_is_seeded_and_leaves_the_global_rng_alone() -> None:
+    """The classifier's init comes from ``seed`` alone (the same weights as seeding the global RNG, so cached
+    classifiers stay valid), and the caller's global RNG stream is not reset."""
+    torch.manual_seed(1234)
+    expected_next = torch.rand(3)
+    torch.manual_seed(1234)
+    net, _ = train_feature_net("digits", epochs=0, seed=7, progress=False)
+    assert torch.equal(torch.rand(3), expected_next)
+    torch.manual_seed(7)
+    reference = FeatureNet(net.shape, net.head.out_features)
+    for (name, got), (_, want) in zip(net.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(got, want), name
+
+
 @pytest.fixture(scope="module")
 def digits_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from training.config import get_preset, with_overrides

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from training.data.datasets import DataError, default_data_root, image_shape, load_dataset
 from training.errors import EvalError
 from training.io import atomic_write, load_torch_file
+from training.model.decoder import seeded_build
 
 FORMAT = "kaem-features"
 FORMAT_VERSION = 1
@@ -108,10 +109,7 @@ def train_feature_net(dataset: str, root: str | Path | None = None, epochs: int 
     device = torch.device(device)
     train_x, train_y = labelled_dataset(dataset, root, "train")
     n = len(train_y)
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
-        torch.manual_seed(seed)
-        net = FeatureNet(image_shape(dataset), CLASSES[dataset])
-    net = net.to(device)
+    net = seeded_build(seed, lambda: FeatureNet(image_shape(dataset), CLASSES[dataset])).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * ((n + batch - 1) // batch)

@@ -19,19 +19,12 @@ from torch import Tensor, nn
 from training.config import KAEMConfig, PosteriorConfig
 from training.losses import LossOutput, StepContext, noisy_loglik
 from training.mcmc import samplers
-from training.model.decoder import build_decoder
+from training.model.decoder import build_decoder, child_seed, seeded_build
 from training.model.kaem import LatentImageModel
 from training.model.kan import KANLayer
 from training.model.prior import normal_icdf
 
 standard_normal = normal_icdf  # Φ⁻¹(u), u sanitised like the ITS inputs
-
-
-def _seeded_init(gen: torch.Generator, build):  # default PyTorch init, seeded, global RNG untouched
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
 
 
 def build_encoder(cfg: KAEMConfig) -> nn.Module:
@@ -58,7 +51,7 @@ class VAE(LatentImageModel):
         super().__init__(cfg)
         gen = self.init_generator(cfg, init_seed)
         self.decoder = build_decoder(cfg.decoder, cfg.prior.Q, gen)
-        self.encoder = _seeded_init(gen, lambda: build_encoder(cfg))
+        self.encoder = seeded_build(child_seed(gen), lambda: build_encoder(cfg))
 
     @property
     def noise_dim(self) -> int:

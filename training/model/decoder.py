@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from training.config import DecoderConfig
 from training.model.kan import KANLayer
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class KANDecoder(nn.Module):
@@ -79,10 +82,19 @@ class ConvDecoder(nn.Module):
         return self.forward
 
 
+def child_seed(gen: torch.Generator) -> int:
+    """One seed drawn from ``gen`` for a module built with PyTorch's default init (:func:`seeded_build`)."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+
+
+def seeded_build(seed: int, build: Callable[[], M]) -> M:
+    """``build()`` under PyTorch's default init seeded with ``seed``, leaving the caller's global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def build_decoder(cfg: DecoderConfig, Q: int, gen: torch.Generator) -> nn.Module:
     if cfg.kind == "kan":
         return KANDecoder(cfg, Q, gen)
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    with torch.random.fork_rng(devices=[]):  # default conv init, seeded, without touching global state
-        torch.manual_seed(seed)
-        return ConvDecoder(cfg, Q)
+    return seeded_build(child_seed(gen), lambda: ConvDecoder(cfg, Q))

@@ -102,6 +102,14 @@ DESIGNS = {d.key: d for d in (
            "persistent chains no longer start from prior draws after the first epoch, so the prior must follow "
            "where the chains are (the aggregate posterior) for its samples to land there; (f) showed a fast prior "
            "hurting IS-started chains, whose starts it moves"),
+    Design("n-isula-9000-pool", "(n) = (j) with a pool of 9,000 proposals kept between steps, 1,000 fresh per step",
+           _ISULA + ("--set", "posterior.n_samples=9000", "--set", "posterior.pool_refresh=1000",
+                     "--set", "posterior.pool_finalists=4", "--set", "train.prior_lr_ratio=0.2",
+                     "--set", "train.lr_schedule=cosine", "--steps", "3700"),
+           "each step decodes 1,000 fresh proposals instead of 3,000; the other 8,000 keep the means decoded when "
+           "they were drawn (up to 9 steps old), which only screen: each image's 4 best are decoded again and its "
+           "start is drawn among them by exact weights. Planned over 3,700 steps from an isolated timing (~190 "
+           "against (j)'s ~238 ms a step); inside kaem-train it ran at (j)'s speed and stopped at step 2,962"),
 )}
 
 

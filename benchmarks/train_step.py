@@ -40,7 +40,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from training.config import KAEMConfig, get_preset
-from training.losses import importance_sampling_loss_reference
+from training.losses import StepContext, importance_sampling_loss_reference
 from training.model.registry import build_model, loss_fn_for
 from training.runtime import keep_freed_memory
 from training.uniforms import step_generator
@@ -60,13 +60,18 @@ def make_step(cfg: KAEMConfig, x: torch.Tensor, loss_fn=None, reference: bool = 
     loss_fn = loss_fn or loss_fn_for(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4) if reference else model.optimizer(1e-4)
 
+    carry: dict[str, torch.Tensor] = {}  # sampler state from step to step, as the training loop hands it on
+
     def step(i: int) -> None:
-        out = loss_fn(model, x, step_generator(0, i), cfg.posterior)
+        out = loss_fn(model, x, step_generator(0, i), cfg.posterior, StepContext(step=i, total_steps=1000, carry=carry))
         with record_function("kaem.backward"):
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
         with record_function("kaem.optimizer"):
             opt.step()
+        if out.carry:
+            carry.clear()
+            carry.update({k: v.detach() for k, v in out.carry.items()})
 
     return step
 

@@ -103,6 +103,12 @@ class PosteriorConfig:
     # (warm starts, as in alternating back-propagation, Han et al. 2017); the N_s-proposal IS start is drawn on
     # an image's first visit only. Other posteriors ignore it.
     persistent: bool = False
+    # is_ula only: with pool_refresh > 0 the N_s proposals and their decoded means are kept between steps and only
+    # pool_refresh fresh ones are drawn and decoded per step (the oldest leave). The stored decodes are up to
+    # N_s / pool_refresh steps old, so they only screen: each image's pool_finalists best are decoded again with
+    # the current weights, and its start is drawn among them by those exact weights. 0: a fresh pool every step.
+    pool_refresh: int = 0
+    pool_finalists: int = 4
     contrastive: bool = True  # CD prior term (True) or normalised prior with quadrature log Z
     # Langevin (docs/design.md §5.4): ULA step η (MALA starts at the equivalent leapfrog step √(2η)), steps
     # per training iteration
@@ -193,7 +199,8 @@ class TrainConfig:
 # change. A new field therefore needs a new schema version and its migration; a current-schema config with a
 # field missing is refused (tests/fixtures/config_v1_fmnist.json rebuilds the same model bit for bit).
 # 3: adds posterior.persistent.
-SCHEMA_VERSION = 3
+# 4: adds posterior.pool_refresh and posterior.pool_finalists.
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -246,6 +253,8 @@ class KAEMConfig:
         _check(po.ti_rule in TI_RULES, f"posterior.ti_rule {po.ti_rule!r} not in {'|'.join(TI_RULES)}")
         _check(po.n_samples >= 1 and po.langevin_steps >= 0 and po.n_temps >= 1,
                "posterior.n_samples >= 1, langevin_steps >= 0, n_temps >= 1")
+        _check(0 <= po.pool_refresh <= po.n_samples and 1 <= po.pool_finalists <= po.n_samples,
+               "posterior.pool_refresh must be in [0, n_samples] and pool_finalists in [1, n_samples]")
         _check(po.step_size > 0, f"posterior.step_size must be > 0, got {po.step_size}")
         _check(0 < po.eta_min <= (2 * po.step_size) ** 0.5 <= po.eta_max or po.kind != "mala",
                "posterior: MALA starts at sqrt(2 step_size), which must lie in [eta_min, eta_max] with eta_min > 0")
@@ -292,6 +301,7 @@ _SCHEMA_2_ADDED: dict[str, Any] = {
 # train.prior_lr_ratio joined schema 2 after its first configs were written (47b8784): those mean 1.0.
 _SCHEMA_2_LATE: dict[str, Any] = {"train": {"prior_lr_ratio": 1.0}}
 _SCHEMA_3_ADDED: dict[str, Any] = {"posterior": {"persistent": False}}
+_SCHEMA_4_ADDED: dict[str, Any] = {"posterior": {"pool_refresh": 0, "pool_finalists": 4}}
 
 
 def _fill(d: dict[str, Any], meaning: dict[str, Any]) -> dict[str, Any]:
@@ -316,6 +326,8 @@ def migrate(d: dict[str, Any]) -> dict[str, Any]:
         d = _fill(_fill(d, _SCHEMA_1_MEANING), _SCHEMA_2_ADDED)
     if version <= 2:
         d = _fill(_fill(d, _SCHEMA_2_LATE), _SCHEMA_3_ADDED)
+    if version <= 3:
+        d = _fill(d, _SCHEMA_4_ADDED)
     return {**d, "schema_version": SCHEMA_VERSION}
 
 

@@ -308,7 +308,10 @@ def is_ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
     fresh = slice(None) if stored is None else stored.isnan().any(1)
     x_is = x if stored is None else x[fresh]
     stats: dict[str, float] = {}
-    if x_is.shape[0]:
+    carry: dict[str, Tensor] = {}
+    if x_is.shape[0] and cfg.pool_refresh:
+        u_is, z_prior, carry = _pool_starts(model, x_is, cfg, ctx, gen, cdf, decode, stats)
+    elif x_is.shape[0]:
         u, z, z_prior = _proposals(model, S, cfg.cd_samples or B, gen, dev, cdf)
         with torch.no_grad():
             with record_function("kaem.decoder"):
@@ -346,7 +349,49 @@ def is_ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
     with torch.no_grad():
         stats = {**loss_stats, **stats, "eta": cfg.step_size, "move": float((eps - eps0).norm(dim=1).mean())}
         chains = torch.cat([select, eps], dim=1) if cfg.persistent else None
-    return LossOutput(loss=loss, stats=stats, z=z_post, chains=chains)
+    return LossOutput(loss=loss, stats=stats, z=z_post, chains=chains, carry=carry)
+
+
+def _pool_starts(model: KAEM, x: Tensor, cfg: PosteriorConfig, ctx: StepContext | None, gen: torch.Generator,
+                 cdf: Tensor, decode: Callable[[Tensor], Tensor], stats: dict[str, float]
+                 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """is_ula's chain starts from a proposal pool kept between steps (``cfg.pool_refresh`` > 0): returns each
+    row's start uniforms u[B, u_dim], the CD term's fresh prior draws, and the pool for the next step's carry.
+
+    The pool holds N_s prior proposals (their uniforms) with their decoded means. Each step draws and decodes
+    ``pool_refresh`` fresh ones, which replace the oldest (an empty pool is filled at once). Stored means come
+    from up to N_s / pool_refresh steps ago, so they only screen: each image's ``pool_finalists`` best by them
+    are decoded again with the current prior and decoder, and its start is drawn among them by those exact
+    weights. With one-hot weights (ESS ≈ 1) that is the start a fresh pool of the same N_s proposals gives
+    whenever the screen keeps the best one among the finalists; the log's ``pool_gap`` is the screen's mean
+    error on the finalists, in nats."""
+    prior, dev = model.prior, x.device
+    B, S = x.shape[0], cfg.n_samples
+    pool = ctx.carry if ctx is not None else {}
+    old_u, old_m = pool.get("pool_u"), pool.get("pool_means")
+    have = 0 if old_u is None or old_u.shape[1] != prior.u_dim or old_u.shape[0] > S else old_u.shape[0]
+    n_new = S - have if have < S else cfg.pool_refresh
+    u_new, z_new, z_prior = _proposals(model, n_new, cfg.cd_samples or B, gen, dev, cdf)
+    with torch.no_grad():
+        with record_function("kaem.decoder"):
+            m_new = torch.sigmoid(decode(z_new)).flatten(1)
+        keep = min(have, S - n_new)
+        pool_u = torch.cat([u_new, old_u[:keep]]) if keep else u_new
+        pool_m = torch.cat([m_new, old_m[:keep]]) if keep else m_new
+        screen = model.log_likelihood_of_means(x, pool_m)  # [B, S] by the stored means
+        top = screen.topk(min(cfg.pool_finalists, S), dim=1).indices  # [B, k]
+        finalists, where = torch.unique(top, return_inverse=True)
+        with record_function("kaem.decoder"):
+            m_fin = torch.sigmoid(decode(prior.sample(pool_u[finalists], cdf))).flatten(1)
+        pool_m[finalists] = m_fin  # the pool keeps the current means where they were just computed
+        ell = model.log_likelihood_of_means(x, m_fin).gather(1, where)  # [B, k], exact
+        w = torch.softmax(ell, dim=1)
+        pick = inverse_cumsum(torch.cumsum(w, 1), torch.rand(B, 1, generator=gen, device=dev))
+        start = top.gather(1, pick).squeeze(1)
+        stats.update(ess=float((1.0 / (w * w).sum(1)).mean()),
+                     loglik_start=float(ell.gather(1, pick).mean()),
+                     pool_gap=float((screen.gather(1, top) - ell).abs().mean()))
+    return pool_u[start], z_prior, {"pool_u": pool_u, "pool_means": pool_m}
 
 
 def mala_initial_step(cfg: PosteriorConfig) -> float:

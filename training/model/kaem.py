@@ -107,13 +107,19 @@ class KAEM(LatentImageModel):
         xb = x.flatten(1)
         g = logits.flatten(1)
         if noise is None:
-            xhat = torch.sigmoid(g)
-            sq = (xb * xb).sum(1, keepdim=True) - 2 * xb @ xhat.T + (xhat * xhat).sum(1)
-        elif torch.is_grad_enabled() and g.requires_grad:
+            return self.log_likelihood_of_means(x, torch.sigmoid(g))
+        if torch.is_grad_enabled() and g.requires_grad:
             return _NoisyGaussianLogLik.apply(xb, g, noise, self.sigma_n, self.sigma)
-        else:  # forward only (importance weights): one [B, S, D] buffer, updated in place
-            t = torch.addcmul(g.unsqueeze(0), noise, torch.tensor(self.sigma_n, dtype=g.dtype)).sigmoid_()
-            sq = torch.linalg.vector_norm(t.sub_(xb.unsqueeze(1)), dim=-1).square_()
+        # forward only (importance weights): one [B, S, D] buffer, updated in place
+        t = torch.addcmul(g.unsqueeze(0), noise, torch.tensor(self.sigma_n, dtype=g.dtype)).sigmoid_()
+        sq = torch.linalg.vector_norm(t.sub_(xb.unsqueeze(1)), dim=-1).square_()
+        return -sq / (2 * self.sigma**2)
+
+    def log_likelihood_of_means(self, x: Tensor, means: Tensor) -> Tensor:
+        """ℓ_{b,s} = −||x_b − m_s||² / (2σ²) for decoded means m[S, C·H·W] = sigmoid(g_s) without noise, [B, S]:
+        the square expanded into one (B×D)·(D×S) matmul."""
+        xb = x.flatten(1)
+        sq = (xb * xb).sum(1, keepdim=True) - 2 * xb @ means.T + (means * means).sum(1)
         return -sq / (2 * self.sigma**2)
 
 

@@ -55,10 +55,19 @@ def test_a_current_config_with_a_missing_field_is_refused() -> None:
     del d["train"]["prior_lr_ratio"]  # ...except the one field schema 2 gained after its first configs
     with pytest.raises(ConfigError, match=r"TrainConfig lacks \['prior_lr_ratio'\]"):
         KAEMConfig.from_dict(d)  # schema 3 was born with it
-    del d["posterior"]["persistent"]  # the same dict as schema 2 wrote it: persistent chains did not exist
+    d["train"]["prior_lr_ratio"] = 1.0
+    for field in ("pool_refresh", "pool_finalists"):  # the same dict as schema 3 wrote it
+        del d["posterior"][field]
+    with pytest.raises(ConfigError, match=r"PosteriorConfig lacks \['pool_finalists', 'pool_refresh'\]"):
+        KAEMConfig.from_dict(d)
+    d["schema_version"] = 3
+    three = KAEMConfig.from_dict(d)
+    assert three.posterior.pool_refresh == 0 and three.posterior.pool_finalists == 4
+    del d["train"]["prior_lr_ratio"], d["posterior"]["persistent"]  # as schema 2's first configs wrote it
     d["schema_version"] = 2
     old = KAEMConfig.from_dict(d)
-    assert old.train.prior_lr_ratio == 1.0 and old.posterior.persistent is False and old.schema_version == 3
+    assert old.train.prior_lr_ratio == 1.0 and old.posterior.persistent is False and old.posterior.pool_refresh == 0
+    assert old.schema_version == SCHEMA_VERSION
 
 
 def test_v1_config_rebuilds_the_same_model_bit_for_bit() -> None:

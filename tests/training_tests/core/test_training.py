@@ -49,19 +49,23 @@ def test_lr_schedule_is_a_pure_function_of_the_step() -> None:
     assert lr_factor(_digits(100).train, 73) == 1.0  # constant: schema 1's behaviour
 
 
-@pytest.mark.parametrize(("lr_schedule", "prior_lr_ratio", "persistent"),
-                         [("constant", 1.0, False), ("cosine", 0.2, False), ("cosine", 0.2, True)])
-def test_resume_is_bit_exact(tmp_path: Path, lr_schedule: str, prior_lr_ratio: float, persistent: bool,
+@pytest.mark.parametrize(("lr_schedule", "prior_lr_ratio", "sampler"),
+                         [("constant", 1.0, "is"), ("cosine", 0.2, "is"), ("cosine", 0.2, "persistent"),
+                          ("cosine", 0.2, "pool")])
+def test_resume_is_bit_exact(tmp_path: Path, lr_schedule: str, prior_lr_ratio: float, sampler: str,
                              monkeypatch: pytest.MonkeyPatch) -> None:
     # 60 uninterrupted steps vs a 60-step run interrupted (Ctrl-C) after step 30 and resumed; a grid refit
     # (step 50) falls after the resume, and the cosine schedule (over two lr groups in the second case) is
     # planned over all 60 steps in both. The third case keeps persistent is_ula chains: the digits' training
-    # split is 46 batches of 32, so the second epoch continues chains stored before the interruption.
+    # split is 46 batches of 32, so the second epoch continues chains stored before the interruption. The fourth
+    # keeps is_ula's proposal pool (and its stored means) across the interruption in the sampler carry.
     import training.train as loop
 
     cfg = _digits(60, lr_schedule=lr_schedule, prior_lr_ratio=prior_lr_ratio)
-    if persistent:
-        cfg = replace(cfg, posterior=replace(cfg.posterior, kind="is_ula", persistent=True))
+    persistent = sampler == "persistent"
+    if sampler != "is":
+        cfg = replace(cfg, posterior=replace(cfg.posterior, kind="is_ula", persistent=persistent,
+                                             pool_refresh=20 if sampler == "pool" else 0))
     full = train(cfg, tmp_path / "full", torch.device("cpu"), progress=False)
     fetch, calls = loop.fetch, [0]
 
@@ -88,6 +92,10 @@ def test_resume_is_bit_exact(tmp_path: Path, lr_schedule: str, prior_lr_ratio: f
             assert torch.equal(opt_a[k][name], opt_b[k][name])
     wall = {"train_seconds"}  # wall-clock time, the only state that may differ
     chains_a, chains_b = a["train_state"].pop("chains", None), b["train_state"].pop("chains", None)
+    carry_a, carry_b = a["train_state"].pop("carry"), b["train_state"].pop("carry")
+    assert carry_a.keys() == carry_b.keys() == ({"pool_u", "pool_means"} if sampler == "pool" else set())
+    for k in carry_a:
+        assert torch.equal(carry_a[k], carry_b[k]), k
     assert {k: v for k, v in a["train_state"].items() if k not in wall} == \
         {k: v for k, v in b["train_state"].items() if k not in wall}
     assert (chains_a is None) == (chains_b is None) == (not persistent)

@@ -227,6 +227,43 @@ def test_persistent_is_ula_continues_stored_chains_and_draws_is_starts_only_for_
     assert torch.equal(out.chains[:, :its], first.chains[:, :its])  # the components chosen at the start stay
 
 
+def test_is_ula_pool_refreshes_the_oldest_proposals_and_rescores_each_images_finalists() -> None:
+    cfg = _cfg("is_ula")
+    po = replace(cfg.posterior, n_samples=32, pool_refresh=8, pool_finalists=3, langevin_steps=0)
+    model = KAEM(replace(cfg, posterior=po), init_seed=1)
+    x = _digits(16)
+
+    def means(u: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.sigmoid(model.decode(model.prior.sample(u))).flatten(1)
+
+    first = POSTERIORS["is_ula"](model, x, step_generator(0, 0), po, StepContext())
+    pool = first.carry
+    assert pool["pool_u"].shape == (32, model.u_dim) and pool["pool_means"].shape == (32, 64)
+    torch.testing.assert_close(pool["pool_means"], means(pool["pool_u"]), rtol=0, atol=1e-6)  # all fresh
+
+    with torch.no_grad():  # a training step later: the stored means are stale
+        for p in model.decoder.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    out = POSTERIORS["is_ula"](model, x, step_generator(0, 1), po, StepContext(carry=pool))
+    new = out.carry
+    assert torch.equal(new["pool_u"][8:], pool["pool_u"][:24])  # the 8 oldest left, 8 fresh ones came first
+    assert not (new["pool_u"][:8, None] == pool["pool_u"][None]).all(-1).any()
+    current = means(new["pool_u"])
+    torch.testing.assert_close(new["pool_means"][:8], current[:8], rtol=0, atol=1e-6)
+    rescored = ~(new["pool_means"][8:] == pool["pool_means"][:24]).all(1)  # kept rows decoded again this step
+    assert 3 <= int(rescored.sum()) <= 16 * 3
+    torch.testing.assert_close(new["pool_means"][8:][rescored], current[8:][rescored], rtol=0, atol=1e-6)
+    # with 0 moves each chain is its start (up to the rounding of u -> ε -> u): a pool proposal that was rescored
+    z_pool = model.prior.sample(new["pool_u"])
+    dist, near = torch.cdist(out.z.flatten(1), z_pool.flatten(1)).topk(2, dim=1, largest=False)
+    assert dist[:, 0].max() < 1e-2 and (dist[:, 1] > 10 * dist[:, 0]).all()
+    start = near[:, 0]
+    finalist = torch.cat([torch.ones(8, dtype=torch.bool), rescored])
+    assert finalist[start].all()
+    assert 1.0 <= out.stats["ess"] <= 3.0 and out.stats["pool_gap"] > 0
+
+
 def test_is_ula_training_improves_the_data_term_and_keeps_the_domain(tmp_path: Path) -> None:
     cfg = _cfg("is_ula", steps=40, log_every=10)
     cfg = replace(cfg, posterior=replace(cfg.posterior, step_size=3e-4, langevin_steps=10))

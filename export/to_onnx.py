@@ -56,7 +56,6 @@ from export.triton_config import (
 from training.checkpoint import load_model
 from training.cli import HelpFormatter, UserError, command
 from training.eval.health import LatentHealth, latent_health
-from training.io import atomic_write_bytes
 from training.model.kaem import KAEM
 from training.uniforms import seeds_to_u
 
@@ -239,22 +238,29 @@ def publish(onnx_file: Path, render: Callable[[Mapping[int, Mapping[str, str]]],
     this one's ``canary`` digest given), which the launcher's integrity check and kaem-canary read."""
     model_dir.mkdir(parents=True, exist_ok=True)
     recorded = _recorded(model_dir)
-    version = max(_versions(model_dir), default=0) + 1
+    versions = _versions(model_dir)
+    version = max(versions, default=0) + 1
     target = model_dir / str(version)
     record = {"sha256": file_sha256(onnx_file), **({"canary": canary} if canary else {})}
-    if target.exists():  # an empty placeholder (e.g. version 1 with .gitkeep): rename the file in
-        atomic_write_bytes(target / "model.onnx", onnx_file.read_bytes())
-    else:
-        staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=model_dir))
+    kept = {v: recorded[v] for v in [*versions, version][-keep_versions:] if v in recorded}
+    # Everything that can fail for lack of space happens before the repository changes: the graph is copied
+    # into a staging folder (or a temp file, for an empty placeholder version) and the config recording the new
+    # version is written; then one rename publishes the graph. A full disk leaves the repository as it was.
+    staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=model_dir))
+    try:
         shutil.copyfile(onnx_file, staging / "model.onnx")
-        os.replace(staging, target)
+        write_config(model_dir, render({**kept, version: record}))
+        if target.exists():  # an empty placeholder (e.g. version 1 with .gitkeep): rename the file in
+            os.replace(staging / "model.onnx", target / "model.onnx")
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     for old in _versions(model_dir)[:-keep_versions]:
         shutil.rmtree(model_dir / str(old))
         (model_dir / str(old)).mkdir()  # keep the numbered placeholder so a committed .gitkeep survives
         if old == 1:
             (model_dir / "1" / ".gitkeep").touch()
-    kept = {v: d for v, d in recorded.items() if v in _versions(model_dir)}
-    write_config(model_dir, render({**kept, version: record}))
     return version
 
 

@@ -12,7 +12,7 @@ import torch
 
 from training.config import KAEMConfig
 from training.errors import ConfigError, KaemError
-from training.io import atomic_write, load_torch_file
+from training.io import load_torch_file, save_torch_file
 from training.model.kaem import LatentImageModel
 
 FORMAT = "kaem-checkpoint"
@@ -43,7 +43,7 @@ def save_checkpoint(path: str | Path, model: LatentImageModel, step: int,
         "train_state": dict(train_state or {}),
         "torch_version": str(torch.__version__),
     }
-    return atomic_write(path, lambda fh: torch.save(payload, fh))
+    return save_torch_file(path, payload)
 
 
 def _plain(model: torch.nn.Module) -> LatentImageModel:

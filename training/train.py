@@ -37,6 +37,7 @@ from training.config import (
 from training.data.datasets import fetch
 from training.errors import ConfigError, TrainingError
 from training.eval.health import LatentHealth, latent_health
+from training.io import LineLog, atomic_write_text
 from training.losses import CHAINS_IN_Z, StepContext
 from training.model.kaem import KAEM, LatentImageModel
 from training.model.registry import build_model, loss_fn_for
@@ -247,10 +248,10 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
             chains = torch.full((len(dataset), model.u_dim), float("nan"))
         train_state["chains"] = chains
     if is_main:
-        (run_dir / "config.json").write_text(cfg.to_json() + "\n")
-        log = open(run_dir / "stats.jsonl", "a")  # noqa: SIM115 - closed in finally
+        atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
+        log = LineLog(run_dir / "stats.jsonl")
         if start:
-            log.write(json.dumps({"event": "resume", "step": start}) + "\n")
+            log.write_line(json.dumps({"event": "resume", "step": start}))
 
     def checkpoint(step: int) -> Path:
         # Wall time spent in the loop over all sessions of this run (kaem-compare reports it).
@@ -324,8 +325,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
                 if health is not None:
                     rec.update(latent_pr=health.latent_pr, gen_dim=health.gen_dim, latent_top3=list(health.latent_top3))
                     warned = _warn_health(health, done, warned)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                log.write_line(json.dumps(rec))
                 bar.set_postfix(loss=f"{rec['loss']:.1f}", loglik=f"{rec['loglik']:.1f}",
                                 **{k: f"{rec[k]:.3g}" for k in PROGRESS_KEYS if rec.get(k) is not None},
                                 img_s=f"{rec['images_per_s']:.0f}", refresh=False)
@@ -335,7 +335,7 @@ def train(cfg: KAEMConfig, run_dir: Path, device: torch.device, data_root: str |
                 final = checkpoint(done)
             if stop:  # the window up to here was logged above
                 if is_main:
-                    log.write(json.dumps({"event": "time_budget", "step": done, "seconds": max_seconds}) + "\n")
+                    log.write_line(json.dumps({"event": "time_budget", "step": done, "seconds": max_seconds}))
                     print(f"\ntime budget of {max_seconds:.0f} s reached at step {done} of {tc.steps}",
                           file=sys.stderr)
                 break

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from training.data.datasets import DataError, default_data_root, image_shape, load_dataset
 from training.errors import EvalError
-from training.io import atomic_write, load_torch_file
+from training.io import load_torch_file, save_torch_file
 from training.model.decoder import seeded_build
 
 FORMAT = "kaem-features"
@@ -152,7 +152,7 @@ def save_feature_net(path: str | Path, net: FeatureNet, dataset: str, accuracy: 
         "test_accuracy": float(accuracy), "epochs": int(epochs), "seed": int(seed),
         "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
     }
-    return atomic_write(path, lambda fh: torch.save(payload, fh))
+    return save_torch_file(path, payload)
 
 
 def load_feature_net(path: str | Path, map_location: str | torch.device = "cpu") -> FeatureNet:

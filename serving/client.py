@@ -23,7 +23,15 @@ import tritonclient.grpc as grpcclient
 from prometheus_client import CollectorRegistry, Histogram
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from export.contract import DEFAULT_MODEL_NAME, INPUT_U, OUTPUT_IMAGES, ContractError, ModelContract, request_rows
+from export.contract import (
+    DEFAULT_MODEL_NAME,
+    INPUT_U,
+    OUTPUT_IMAGES,
+    OUTPUT_IMAGES_DTYPE,
+    ContractError,
+    ModelContract,
+    request_rows,
+)
 from export.triton_config import contract_from_config
 from serving.metrics import histogram_quantile
 from training import uniforms
@@ -64,6 +72,11 @@ class RequestFailed(ServingError):
     def __init__(self, message: str, attempts: int) -> None:
         super().__init__(message)
         self.attempts = attempts
+
+
+class MalformedResponse(ServingError):
+    """The server answered, but its ``images`` output disagrees with the model's contract (missing, not uint8,
+    not one H x W x C image per requested row, or not that many bytes): a broken model, never retried."""
 
 
 def rejection_kind(err: InferenceServerException) -> str | None:
@@ -210,19 +223,52 @@ def infer_inputs(rows: Rows) -> list[grpcclient.InferInput]:
     return out
 
 
-def _infer(client: grpcclient.InferenceServerClient, model: str, rows: Rows, timeout_s: float) -> np.ndarray:
-    """One attempt; a failure raises :class:`ServingError` with the server's message."""
+def _infer(client: grpcclient.InferenceServerClient, model: str, rows: Rows, timeout_s: float,
+           contract: ModelContract | None = None) -> np.ndarray:
+    """One attempt; a failure raises :class:`ServingError` with the server's message, a malformed answer
+    :class:`MalformedResponse` (:func:`checked_images`)."""
     result = _call(f"inference on {model!r}", client.infer, model, infer_inputs(rows),
                    outputs=[grpcclient.InferRequestedOutput(OUTPUT_IMAGES)], client_timeout=timeout_s)
-    return _images(result, rows)
+    return checked_images(result, _n_rows(rows), model, contract)
 
 
-def _images(result, rows: Rows) -> np.ndarray:
-    images, n = result.as_numpy(OUTPUT_IMAGES), _n_rows(rows)
-    if images is None or images.shape[0] != n:
-        raise ServingError(f"the server returned no/short {OUTPUT_IMAGES!r} output for {n} rows"
-                           " (a numpy-2 Python backend stub does that: keep numpy<2 on the server)")
-    return images
+def _raw_output(result, name: str):
+    """The named output's tensor description and raw bytes in a gRPC answer; (None, b"") when it has none."""
+    response = result.get_response()
+    for index, output in enumerate(response.outputs):
+        if output.name == name:
+            raw = response.raw_output_contents[index] if index < len(response.raw_output_contents) else b""
+            return output, raw
+    return None, b""
+
+
+def checked_images(result, n: int, model: str, contract: ModelContract | None = None) -> np.ndarray:
+    """The uint8 images ``[n, H, W, C]`` of a gRPC answer to a request of ``n`` rows, after checking the answer
+    against the model's contract: an ``images`` output is there, its datatype is UINT8, its shape is one
+    H x W x C image (the contract's) per requested row, and its bytes are exactly that many. Anything else
+    raises :class:`MalformedResponse` naming what is wrong (without ``contract``: any image shape passes).
+    The checks read the answer's own description before decoding it, so no answer ends in a numpy error."""
+    out, raw = _raw_output(result, OUTPUT_IMAGES)
+    bad = f"malformed response from {model!r} to a request of {n} row{'s' * (n != 1)}:"
+    hint = " (a Python-backend stub running with numpy 2 answers so: keep numpy<2 on the server)"
+    if out is None:
+        raise MalformedResponse(f"{bad} it has no {OUTPUT_IMAGES!r} output{hint}")
+    shape = [int(d) for d in out.shape]
+    want_dtype = OUTPUT_IMAGES_DTYPE.removeprefix("TYPE_")
+    if out.datatype != want_dtype:
+        raise MalformedResponse(f"{bad} {OUTPUT_IMAGES!r} is {out.datatype} {shape}, the contract says {want_dtype}")
+    if contract is None:
+        image, want = None, f"expected [{n}, H, W, C] (one image per requested row)"
+    else:
+        image = [contract.image_h, contract.image_w, contract.image_c]
+        want = f"the contract says {[n, *image]} (one {'x'.join(map(str, image))} image per requested row)"
+    if len(shape) != 4 or shape[0] != n or image is not None and shape[1:] != image:
+        empty = hint if n and shape[:1] == [0] else ""
+        raise MalformedResponse(f"{bad} {OUTPUT_IMAGES!r} has shape {shape}, {want}{empty}")
+    if len(raw) != math.prod(shape):
+        raise MalformedResponse(f"{bad} {OUTPUT_IMAGES!r} of shape {shape} ({want_dtype}) holds {len(raw)} bytes,"
+                                f" not {math.prod(shape)}")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
 
 
 def _attempts(n: int) -> str:
@@ -237,12 +283,13 @@ def _deadline_error(what: str, policy: RetryPolicy, attempts: int, spent: float,
 
 
 def infer_with_retries(client: grpcclient.InferenceServerClient, model: str, u: Rows, timeout_s: float,
-                       policy: RetryPolicy = DEFAULT_RETRY, rng: random.Random | None = None
-                       ) -> tuple[np.ndarray, int]:
+                       policy: RetryPolicy = DEFAULT_RETRY, rng: random.Random | None = None,
+                       contract: ModelContract | None = None) -> tuple[np.ndarray, int]:
     """Images for ``u`` (or a seed model's named inputs, :data:`Rows`) and the number of attempts they took. An
     attempt waits at most ``timeout_s`` seconds (and no longer than the time left before ``policy.deadline_s``);
     only rejections for now (:func:`rejection_kind`) are retried, after :meth:`RetryPolicy.backoff_s` drawn from
-    ``rng`` (seed it for a reproducible schedule). Raises :class:`RequestFailed` naming the last status."""
+    ``rng`` (seed it for a reproducible schedule). Raises :class:`RequestFailed` naming the last status, and
+    :class:`MalformedResponse` (never retried) for an answer that breaks ``contract`` (:func:`checked_images`)."""
     rng = rng or random.Random()
     what, inputs = f"inference on {model!r}", infer_inputs(u)
     outputs = [grpcclient.InferRequestedOutput(OUTPUT_IMAGES)]
@@ -253,7 +300,7 @@ def infer_with_retries(client: grpcclient.InferenceServerClient, model: str, u: 
         left = deadline - (time.monotonic() - start)
         try:
             result = client.infer(model, inputs, outputs=outputs, client_timeout=min(timeout_s, max(left, 0.0)))
-            return _images(result, u), attempts
+            return checked_images(result, _n_rows(u), model, contract), attempts
         except InferenceServerException as err:
             spent = time.monotonic() - start
             if rejection_kind(err) is None:
@@ -302,7 +349,7 @@ def generate_images(url: str, model: str, seeds: Sequence[int], truncation: floa
             local.client = grpcclient.InferenceServerClient(url)
             opened.append(local.client)  # list.append is atomic under the GIL
         t0 = time.perf_counter()
-        images, n = infer_with_retries(local.client, model, chunk, timeout_s, retry, rng)
+        images, n = infer_with_retries(local.client, model, chunk, timeout_s, retry, rng, served.contract)
         observe.observe(time.perf_counter() - t0)
         attempts.append(n)
         return images

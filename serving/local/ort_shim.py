@@ -31,6 +31,12 @@ def check_input(name: str, array: np.ndarray | None, dtype: np.dtype, dims: Sequ
     if array.dtype != dtype:
         return f"input {name!r} must be {np.dtype(dtype).name}, got {array.dtype.name}"
     want = tuple(dims)
+    if array.ndim == len(want) and len(want) > 0:
+        # Triton 2.51 keeps a request's batch size modulo 2^32 and hands a batch of 0 to the model without its
+        # batch dimension: a declared batch of 0 (or 2^32, 2^33, ...) whose bytes fit one row arrives here so.
+        return (f"input {name!r} has no batch dimension: got shape {list(array.shape)}, expected [batch,"
+                f" {', '.join(map(str, want))}] (the request declared a batch size of 0, or a multiple of 2^32"
+                " that the server reads as 0; send 1 to max_batch_size rows)")
     if array.ndim != len(want) + 1 or any(w != -1 and w != g for w, g in zip(want, array.shape[1:], strict=True)):
         return f"input {name!r} must have shape [batch, {', '.join(map(str, want))}], got {list(array.shape)}"
     if array.shape[0] < 1:
@@ -90,6 +96,12 @@ def session_options(model_config: dict):  # -> onnxruntime.SessionOptions
     return opts
 
 
+def _invalid_argument(message: str):
+    """A request error with Triton's INVALID_ARG code (a plain ``TritonError`` is INTERNAL: gRPC INTERNAL,
+    HTTP 500, which tells the client the server failed rather than its request)."""
+    return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+
+
 class TritonPythonModel:
     """onnxruntime (CPU) behind Triton's Python backend; one session per model instance."""
 
@@ -144,8 +156,8 @@ class TritonPythonModel:
         good, feeds, wanted = [], [], []
         for i, request in enumerate(requests):
             feed, err = self._read(request)
-            if err:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(err))
+            if err:  # a malformed request: INVALID_ARGUMENT (gRPC) / 400 (HTTP), as Triton's own checks answer
+                responses[i] = pb_utils.InferenceResponse(error=_invalid_argument(err))
                 continue
             names = [n for n in request.requested_output_names() if n in self.outputs] or self.outputs
             good.append(i)

@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from export.contract import CANARY_SEEDS, OUTPUT_IMAGES, canary_rows, canary_sha256
 from export.triton_config import recorded_artifacts
-from serving.client import ServingError, connect, infer_inputs, server_parser
+from serving.client import ServingError, checked_images, connect, infer_inputs, server_parser
 from training.cli import command
 
 
@@ -38,7 +38,7 @@ def check(url: str, model: str, timeout_s: float = 10.0) -> tuple[bool, str]:
     if want is None:
         raise ServingError(f"model {model!r} version {version} at {url} has no recorded canary digest: it was "
                            "exported before canaries were recorded; export it again with kaem-export")
-    got = canary_sha256(result.as_numpy(OUTPUT_IMAGES))
+    got = canary_sha256(checked_images(result, len(CANARY_SEEDS), model, served.contract))
     seeds = f"seeds {CANARY_SEEDS[0]}-{CANARY_SEEDS[-1]}"
     if got != want:
         return False, (f"MISMATCH: {model!r} version {version} at {url} returns other images for {seeds} than at "

@@ -74,6 +74,11 @@ class RequestFailed(ServingError):
         self.attempts = attempts
 
 
+class ServerUnavailable(ServingError):
+    """No server answers at the address, or it or the model is not ready yet: what a restart or a model load
+    looks like from the client, so :func:`connect_with_retries` tries again."""
+
+
 class MalformedResponse(ServingError):
     """The server answered, but its ``images`` output disagrees with the model's contract (missing, not uint8,
     not one H x W x C image per requested row, or not that many bytes): a broken model, never retried."""
@@ -175,24 +180,52 @@ def connect(url: str, model: str, timeout_s: float = 10.0) -> tuple[grpcclient.I
     model's contract from its config (raises :class:`ServingError` or ``ContractError``)."""
     client = grpcclient.InferenceServerClient(url)
     try:
-        live = client.is_server_live(client_timeout=timeout_s)
-    except InferenceServerException as err:
-        raise ServingError(f"no Triton server reachable at {url} ({err.message() or err}):"
-                           " start one with kaem-serve or pass --url host:port") from None
-    if not live:
-        raise ServingError(f"the Triton server at {url} is not live")
-    if not _call("readiness", client.is_server_ready, client_timeout=timeout_s):
-        raise ServingError(f"the Triton server at {url} is live but not ready (models still loading?)")
-    if not _call("model readiness", client.is_model_ready, model, client_timeout=timeout_s):
-        index = _call("repository index", client.get_model_repository_index)
-        names = sorted({m.name for m in index.models if m.state == "READY"})
-        raise ServingError(f"model {model!r} is not served (ready) at {url}; ready models: {names or 'none'}")
+        try:
+            live = client.is_server_live(client_timeout=timeout_s)
+        except InferenceServerException as err:
+            raise ServerUnavailable(f"no Triton server reachable at {url} ({err.message() or err}):"
+                                    " start one with kaem-serve or pass --url host:port") from None
+        if not live:
+            raise ServerUnavailable(f"the Triton server at {url} is not live")
+        if not _call("readiness", client.is_server_ready, client_timeout=timeout_s):
+            raise ServerUnavailable(f"the Triton server at {url} is live but not ready (models still loading?)")
+        if not _call("model readiness", client.is_model_ready, model, client_timeout=timeout_s):
+            index = _call("repository index", client.get_model_repository_index)
+            names = sorted({m.name for m in index.models if m.state == "READY"})
+            raise ServerUnavailable(f"model {model!r} is not served (ready) at {url}; ready models: "
+                                    f"{names or 'none'}")
+    except BaseException:
+        client.close()
+        raise
     cfg = _call("model config", client.get_model_config, model, client_timeout=timeout_s).config
     try:
         contract = contract_from_config(cfg)
     except ContractError as err:
         raise ContractError(f"refusing model {model!r} at {url}: {err}") from None
     return client, ServedModel(model, contract, cfg.max_batch_size)
+
+
+def connect_with_retries(url: str, model: str, policy: RetryPolicy = DEFAULT_RETRY, rng: random.Random | None = None,
+                         timeout_s: float = 10.0) -> tuple[grpcclient.InferenceServerClient, ServedModel]:
+    """:func:`connect`, tried again while the server is unreachable or not ready (a restart, a model load), with
+    the same retries, backoff and deadline as a request (``policy``); then the last reason, with the count."""
+    rng = rng or random.Random()
+    start, attempts = time.monotonic(), 0
+    deadline = math.inf if policy.deadline_s is None else policy.deadline_s
+    while True:
+        attempts += 1
+        left = deadline - (time.monotonic() - start)
+        try:
+            return connect(url, model, min(timeout_s, max(left, 0.1)))
+        except ServerUnavailable as err:
+            wait = policy.backoff_s(attempts - 1, rng)
+            spent = time.monotonic() - start
+            if attempts > policy.retries or spent + wait >= deadline:
+                if attempts == 1:
+                    raise
+                raise ServerUnavailable(f"{err} (still so after {_attempts(attempts)} in {spent:.1f} s; --retries "
+                                        f"{policy.retries}, --deadline {policy.deadline_s})") from None
+        time.sleep(wait)
 
 
 def u_for_contract(seeds: Sequence[int], contract: ModelContract, truncation: float = 1.0) -> np.ndarray:
@@ -323,13 +356,15 @@ def generate_images(url: str, model: str, seeds: Sequence[int], truncation: floa
     """Images uint8 ``[N, H, W, C]`` for ``seeds`` (in seed order) from a Triton server at ``url``
     (gRPC ``host:port``). Requests hold at most ``batch_size`` rows (default and cap: the model's
     ``max_batch_size``); ``concurrency`` requests are in flight at once, one client per thread; each attempt
-    waits at most ``timeout_s`` seconds, and ``retry`` says which failures are tried again and when
-    (:func:`infer_with_retries`; ``rng`` draws the backoffs)."""
+    waits at most ``timeout_s`` seconds, and ``retry`` says which failures are tried again and when: the first
+    connection while the server is unreachable or not ready (:func:`connect_with_retries`) and each request
+    (:func:`infer_with_retries`); ``rng`` draws the backoffs."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if not seeds:
         raise ValueError("no seeds given")
-    client, served = connect(url, model)
+    rng = rng or random.Random()
+    client, served = connect_with_retries(url, model, retry, rng)
     limit = min(batch_size or served.max_batch_size, served.max_batch_size)
     if limit < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -340,7 +375,6 @@ def generate_images(url: str, model: str, seeds: Sequence[int], truncation: floa
                      ["model"], buckets=LATENCY_BUCKETS, registry=registry)
     observe = hist.labels(model=model)
     local, opened, attempts = threading.local(), [client], []
-    rng = rng or random.Random()
 
     def run(chunk: Rows) -> np.ndarray:
         if concurrency == 1:
@@ -396,16 +430,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
                    help="extra attempts for a request the server turned away for now (gRPC UNAVAILABLE: the"
                         " model's queue is full, the request timed out in it, or the server is briefly"
-                        f" unreachable), each after a backoff uniform in [0, min({BACKOFF_CAP_S:g} s,"
+                        " unreachable), and for the first connection while no server answers or it or the model"
+                        " is not ready yet (a restart, a model load), each after a backoff uniform in"
+                        f" [0, min({BACKOFF_CAP_S:g} s,"
                         f" {BACKOFF_BASE_S:g} s x 2^k)] before retry k (capped exponential, full jitter). Never"
                         " retried: INVALID_ARGUMENT and every other error, and an attempt that ran into --timeout."
                         f" The default ({DEFAULT_RETRIES}: waits of at most {1000 * BACKOFF_BASE_S:g} and"
                         f" {2000 * BACKOFF_BASE_S:g} ms) rides out a short burst"
                         " while at most tripling what an overloaded server is sent; 0 fails on the first rejection")
     p.add_argument("--deadline", type=float, default=None,
-                   help="seconds one request may take in all, attempts and backoffs together (each attempt"
-                        " waits at most min(--timeout, time left)); past it the command fails naming the last"
-                        " status. None: no bound beyond --retries and --timeout")
+                   help="seconds one request (and the first connection) may take in all, attempts and backoffs"
+                        " together (each attempt waits at most min(--timeout, time left)); past it the command"
+                        " fails naming the last status. None: no bound beyond --retries and --timeout")
     return p
 
 

@@ -8,6 +8,7 @@ run through onnxruntime once, and split back, each request getting only the outp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -96,6 +97,27 @@ def session_options(model_config: dict):  # -> onnxruntime.SessionOptions
     return opts
 
 
+# export.triton_config.ARTIFACT_KEY for the sha256 kaem-export records of each version's model.onnx
+SHA256_KEY = "artifact.sha256.{version}"
+
+
+def check_recorded_sha256(model_config: dict, version: str, path: str) -> str | None:
+    """Why the graph at ``path`` must not be served (``None`` when it may): its sha256 differs from the one the
+    export recorded for ``version`` in the config's parameters. A version without a record is not checked."""
+    want = (model_config.get("parameters") or {}).get(SHA256_KEY.format(version=version), {}).get("string_value")
+    if not want:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    got = digest.hexdigest()
+    if got == want:
+        return None
+    return (f"{path} has sha256 {got[:16]}..., not the {want[:16]}... its export recorded: the file changed after "
+            "the export (a partial copy or a damaged disk); this version is not served, export it again")
+
+
 def _invalid_argument(message: str):
     """A request error with Triton's INVALID_ARG code (a plain ``TritonError`` is INTERNAL: gRPC INTERNAL,
     HTTP 500, which tells the client the server failed rather than its request)."""
@@ -113,6 +135,9 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], filename)
         if not os.path.isfile(path):
             raise pb_utils.TritonModelException(f"no ONNX file at {path}: export the model first")
+        problem = check_recorded_sha256(cfg, args["model_version"], path)
+        if problem:  # a version that appears on a running server (poll/explicit mode) is checked like at startup
+            raise pb_utils.TritonModelException(problem)
         try:
             opts = session_options(cfg)
         except ValueError as err:

@@ -176,6 +176,26 @@ def test_mismatching_onnx_is_rejected_with_a_clear_error(toy_model):
         check_config_against_onnx(other_id, onnx_path)
 
 
+def test_shim_checks_the_sha256_the_export_recorded(tmp_path) -> None:
+    # A version that appears on a running server (poll/explicit mode) is checked against the export's record
+    # as the launcher checks every version at startup: the shim reads the record from the config as Triton hands
+    # it over (JSON), under the key the export writes.
+    from google.protobuf import json_format
+
+    from serving.local.ort_shim import check_recorded_sha256
+
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"the exported graph")
+    digest = hashlib.sha256(graph.read_bytes()).hexdigest()
+    text = render_config("kaem_x", UNIVARIATE, artifacts={2: {"sha256": digest}})
+    cfg = json_format.MessageToDict(parse_config(text), preserving_proto_field_name=True)
+    assert check_recorded_sha256(cfg, "2", str(graph)) is None
+    assert check_recorded_sha256(cfg, "3", str(graph)) is None  # no record: not checked (a hand-placed version)
+    graph.write_bytes(b"the exported graph, damaged")
+    problem = check_recorded_sha256(cfg, "2", str(graph))
+    assert problem is not None and problem.startswith(f"{graph} has sha256 ") and f"not the {digest[:16]}" in problem
+
+
 def test_shim_session_options_equal_the_config_parameters() -> None:
     # One source of serving settings: the local shim builds its onnxruntime session from the config's
     # parameters, the same keys the NGC image's native onnxruntime backend reads.

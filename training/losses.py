@@ -310,7 +310,7 @@ def is_ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
     stats: dict[str, float] = {}
     carry: dict[str, Tensor] = {}
     if x_is.shape[0] and cfg.pool_refresh:
-        u_is, z_prior, carry = _pool_starts(model, x_is, cfg, ctx, gen, cdf, decode, stats)
+        u_is, z_prior, carry = _pool_starts(model, x_is, cfg, ctx, gen, cdf, decode, stats, cfg.cd_samples or B)
     elif x_is.shape[0]:
         u, z, z_prior = _proposals(model, S, cfg.cd_samples or B, gen, dev, cdf)
         with torch.no_grad():
@@ -353,10 +353,11 @@ def is_ula_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: PosteriorConf
 
 
 def _pool_starts(model: KAEM, x: Tensor, cfg: PosteriorConfig, ctx: StepContext | None, gen: torch.Generator,
-                 cdf: Tensor, decode: Callable[[Tensor], Tensor], stats: dict[str, float]
+                 cdf: Tensor, decode: Callable[[Tensor], Tensor], stats: dict[str, float], n_cd: int
                  ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """is_ula's chain starts from a proposal pool kept between steps (``cfg.pool_refresh`` > 0): returns each
-    row's start uniforms u[B, u_dim], the CD term's fresh prior draws, and the pool for the next step's carry.
+    row's start uniforms u[B, u_dim], ``n_cd`` fresh prior draws for the CD term, and the pool for the next step's
+    carry.
 
     The pool holds N_s prior proposals (their uniforms) with their decoded means. Each step draws and decodes
     ``pool_refresh`` fresh ones, which replace the oldest (an empty pool is filled at once). Stored means come
@@ -371,7 +372,7 @@ def _pool_starts(model: KAEM, x: Tensor, cfg: PosteriorConfig, ctx: StepContext 
     old_u, old_m = pool.get("pool_u"), pool.get("pool_means")
     have = 0 if old_u is None or old_u.shape[1] != prior.u_dim or old_u.shape[0] > S else old_u.shape[0]
     n_new = S - have if have < S else cfg.pool_refresh
-    u_new, z_new, z_prior = _proposals(model, n_new, cfg.cd_samples or B, gen, dev, cdf)
+    u_new, z_new, z_prior = _proposals(model, n_new, n_cd, gen, dev, cdf)
     with torch.no_grad():
         with record_function("kaem.decoder"):
             m_new = torch.sigmoid(decode(z_new)).flatten(1)

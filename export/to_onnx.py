@@ -243,9 +243,10 @@ def publish(onnx_file: Path, render: Callable[[Mapping[int, Mapping[str, str]]],
     target = model_dir / str(version)
     record = {"sha256": file_sha256(onnx_file), **({"canary": canary} if canary else {})}
     kept = {v: recorded[v] for v in [*versions, version][-keep_versions:] if v in recorded}
-    # Everything that can fail for lack of space happens before the repository changes: the graph is copied
-    # into a staging folder (or a temp file, for an empty placeholder version) and the config recording the new
-    # version is written; then one rename publishes the graph. A full disk leaves the repository as it was.
+    # Everything that can fail for lack of space happens before a new graph appears: the graph is copied into a
+    # staging folder and the config recording the new version is written (atomically); then one rename
+    # publishes the graph (the folder, or its file into an empty placeholder version). A full disk leaves the
+    # repository as it was.
     staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=model_dir))
     try:
         shutil.copyfile(onnx_file, staging / "model.onnx")

@@ -110,6 +110,11 @@ DESIGNS = {d.key: d for d in (
            "they were drawn (up to 9 steps old), which only screen: each image's 4 best are decoded again and its "
            "start is drawn among them by exact weights. Planned over 3,700 steps from an isolated timing (~190 "
            "against (j)'s ~238 ms a step); inside kaem-train it ran at (j)'s speed and stopped at step 2,962"),
+    Design("o-isula-6000", "(o) = (j) with N_s = 6,000 fresh proposals per step",
+           _ISULA + ("--set", "posterior.n_samples=6000", "--set", "train.prior_lr_ratio=0.2",
+                     "--set", "train.lr_schedule=cosine", "--steps", "1500"),
+           "separates (n)'s two changes: twice (j)'s proposals, all fresh every step as in (j), none reused; the "
+           "pool decode doubles (~245 images/s), so the cosine is planned over 1,500 steps"),
 )}
 
 

@@ -295,6 +295,22 @@ def _raise_stop(signum, frame) -> None:
     raise _Stop
 
 
+def _kill_on_next_signal(server: LocalTriton) -> list[int]:
+    """From now on SIGINT/SIGTERM kill the server at once instead of raising: the drain's wait then returns by
+    itself, so a second Ctrl-C can land anywhere (even before the wait starts) without ending in an interrupt.
+    Returns a list that records the signals received."""
+    received: list[int] = []
+
+    def kill(signum, frame) -> None:
+        received.append(signum)
+        if server.running:
+            server.process.kill()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, kill)
+    return received
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kaem-serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -328,7 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.backend_dir = server.backend_dir or build_backend_dir()
         print(f"models: {', '.join(models)}\ncommand: {' '.join(server.command())}")
         return 0
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _raise_stop)
+    cut: list[int] = []
     try:
         server.start()
         print(f"kaem-serve: Triton ready with models {', '.join(server.models)} from {server.model_repository}\n"
@@ -339,19 +357,19 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{server.log_excerpt()}", file=sys.stderr)
         return rc or 1
     except (KeyboardInterrupt, _Stop):
+        cut = _kill_on_next_signal(server)  # before the message that invites the second Ctrl-C
         print("kaem-serve: stopping (requests in flight get up to 5 s to finish; Ctrl-C again to stop at once)",
               file=sys.stderr, flush=True)
         return 0
     finally:
         was_running = server.running
-        try:
-            rc = server.stop()
-        except (KeyboardInterrupt, _Stop):  # a second Ctrl-C or SIGTERM during the drain
-            rc = 0
+        rc = server.stop()
+        if cut:
             print("kaem-serve: stopped at once; requests still in flight were cut", file=sys.stderr)
-        signal.signal(signal.SIGTERM, previous)
-        if was_running and rc not in (0, -signal.SIGTERM):
+        elif was_running and rc not in (0, -signal.SIGTERM):
             print(f"kaem-serve: tritonserver stopped with code {rc}", file=sys.stderr)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

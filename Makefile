@@ -5,6 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= data
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test: many tests wait on servers, perf_analyzer windows or subprocesses, so two
+# workers fit a 2-core machine (one module per worker: its fixtures, such as a started server, stay single).
+# OpenMP threads that spin while waiting starve the other worker's process: they yield instead
+# (a 10 s training test took 19 s beside a busy torch process with spinning threads, 11 s with passive ones).
+TEST_WORKERS ?= 2
+TEST_ENV := OMP_WAIT_POLICY=PASSIVE
 
 .PHONY: setup data demo test test-all lint default-model loadtest clean help
 
@@ -27,10 +33,10 @@ demo: setup  ## the main job: default model -> ONNX -> Triton -> 64 images over 
 	$(BIN)/python -m serving.demo
 
 test: setup  ## every test except those marked gpu (starts the real Triton server where needed)
-	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-all: setup  ## everything, including gpu-marked tests (needs a CUDA device)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed  ## ruff + hadolint
 	$(BIN)/ruff check .

@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             r = ratios[str(bs)]
             print(f"decoder roofline, batch {bs}: {flops / 1e6:.2f} MFLOP per image, decoder-only graph "
                   f"{results[str(bs)]['decoder ORT']['ms_per_batch']:.3f} ms = {r['decoder_gflops']:.1f} GFLOP/s, "
-                  f"{r['decoder_peak_fraction']:.2f} of the measured peak {peak:.1f} GFLOP/s "
+                  f"{r['decoder_peak_fraction']:.2g} of the measured peak {peak:.1f} GFLOP/s "
                   f"(best of 5 torch.matmul 2048x2048, {args.threads} threads)")
     for bs in batches:
         r = ratios[str(bs)]

@@ -17,7 +17,7 @@ MODULES = {
     "prometheus-client": "prometheus_client", "pytest": "pytest", "ruff": "ruff", "torchmetrics": "torchmetrics",
     "torch-fidelity": "torch_fidelity", "import-linter": "importlinter",
     "kubernetes-validate": "kubernetes_validate", "pyyaml": "yaml", "promql-parser": "promql_parser",
-    "hypothesis": "hypothesis",
+    "hypothesis": "hypothesis", "pytest-xdist": "xdist",
 }
 
 

@@ -61,7 +61,9 @@ def _verdicts(out: str) -> dict[str, str]:
 def _check_summary(s: dict) -> None:
     """What holds for any completed run: consistent numbers and the samples behind them."""
     assert s["requests"] > 1000 and s["requests_total"] > s["requests"], s
-    assert 58 < s["measured_s"] < 68, s  # 5 perf_analyzer windows of 1.2 x 10 s, and its own work between them
+    # 5 perf_analyzer windows of 1.2 x 10 s, and its own work between them, which grows when the cores are shared
+    # (74 s seen beside the other soak run and the test suite's second worker); the window count is checked below
+    assert 58 < s["measured_s"] < 90, s
     assert len(s["windows"]) == 5 and s["p99_first_ms"] == s["windows"][0]["p99_ms"], s
     assert s["p99_last_ms"] == s["windows"][-1]["p99_ms"] and s["p99_ratio"] == pytest.approx(
         s["p99_last_ms"] / s["p99_first_ms"], abs=1e-3)

@@ -20,6 +20,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from export.triton_config import (
     DEFAULT_MODEL_FILENAME,
     TritonConfigError,
@@ -167,7 +169,7 @@ class LocalTriton:
                  http_port: int = 8000, metrics_port: int = 8002, host: str = "127.0.0.1",
                  log_file: str | Path | None = None, backend_dir: str | Path | None = None,
                  startup_timeout_s: float = 120.0, extra_args: Sequence[str] = (),
-                 model_control_mode: str = "none", repository_poll_secs: int = 2) -> None:
+                 model_control_mode: str = "none", repository_poll_secs: int = 2, grpc_warmup: bool = True) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.host, self.grpc_port, self.http_port, self.metrics_port = host, grpc_port, http_port, metrics_port
         self.log_file = Path(log_file) if log_file else cache_dir() / "logs" / f"tritonserver-{grpc_port}.log"
@@ -176,6 +178,8 @@ class LocalTriton:
         self.extra_args = list(extra_args)
         self.control_args = model_control_args(model_control_mode, repository_poll_secs)
         self.models: list[str] = []
+        self.grpc_warmup = grpc_warmup  # start() sends warm_up_grpc's request before it returns
+        self.warmed: str | None = None  # the model warm_up_grpc sent its request to
         self.process: subprocess.Popen | None = None
 
     def _url(self, port: int) -> str:
@@ -210,7 +214,8 @@ class LocalTriton:
         ]
 
     def start(self) -> LocalTriton:
-        """Check repository and ports, start the server, wait until it and its models are ready."""
+        """Check repository and ports, start the server, wait until it and its models are ready, then warm its
+        gRPC frontend with one request (:meth:`warm_up_grpc`; ``grpc_warmup=False`` skips it)."""
         if self.running:
             return self
         try:
@@ -227,10 +232,48 @@ class LocalTriton:
             )
         try:
             self.wait_ready(self.startup_timeout_s)
+            self.warmed = self.warm_up_grpc() if self.grpc_warmup else None
         except BaseException:
             self.stop()
             raise
         return self
+
+    def warm_up_grpc(self, timeout_s: float = 10.0) -> str | None:
+        """Send one batch-1 inference of zeros over gRPC to the first loaded model without a response cache; the
+        model it went to, or None (no such model, or it failed: the server serves regardless).
+
+        Triton's ``model_warmup`` runs inside the server and leaves its gRPC frontend cold. Measured on fresh
+        servers (median of 4, the first request over the warm p50 of the next 50): 2.6x with nothing sent before,
+        1.4x after this request from another client; a request to an unknown model gave 2.0x and a metadata call
+        2.6x, so it takes a real inference. It counts as one request in that model's metrics; a model with a
+        response cache is left alone, so its cache counters are the clients' own."""
+        import tritonclient.grpc as grpcclient
+        from tritonclient.grpc import model_config_pb2
+        from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            for name in self.models:
+                cfg = parse_config((self.model_repository / name / "config.pbtxt").read_text())
+                if cfg.response_cache.enable or not client.is_model_ready(name):
+                    continue
+                inputs = []
+                for spec in cfg.input:
+                    kind = model_config_pb2.DataType.Name(spec.data_type).removeprefix("TYPE_")
+                    dtype = triton_to_np_dtype(kind)
+                    if dtype is None or kind == "STRING":  # zeros are numbers only
+                        break
+                    shape = ([1] if cfg.max_batch_size > 0 else []) + [max(1, d) for d in spec.dims]
+                    inputs.append(grpcclient.InferInput(spec.name, shape, kind))
+                    inputs[-1].set_data_from_numpy(np.zeros(shape, dtype=dtype))
+                else:
+                    client.infer(name, inputs, client_timeout=timeout_s)
+                    return name
+        except (InferenceServerException, TritonConfigError, OSError, TypeError, ValueError):
+            return None
+        finally:
+            client.close()
+        return None
 
     def wait_ready(self, timeout_s: float) -> None:
         """Poll ``/v2/health/ready`` (strict readiness: every model loaded), then ``/metrics``, until

@@ -239,6 +239,21 @@ def test_a_model_that_fails_to_load_is_reported_with_log_lines(tmp_path):
     assert "exited during startup" in text and TOY_MODEL in text and "UNAVAILABLE" in text
 
 
+def test_start_warms_the_grpc_frontend_with_one_request(repo, tmp_path):
+    """start() returns after one gRPC inference to the first model (the first real request would otherwise pay
+    for the frontend's first inference); Triton counts it as one request of that model and of no other."""
+    counts = {}
+    for grpc_warmup in (False, True):
+        ports = free_ports(3)
+        with LocalTriton(repo, grpc_port=ports[0], http_port=ports[1], metrics_port=ports[2], grpc_warmup=grpc_warmup,
+                         log_file=tmp_path / f"log-{grpc_warmup}.txt") as srv:
+            assert srv.warmed == (TOY_MODEL if grpc_warmup else None)
+            counts[grpc_warmup] = metrics.read_settled(srv.metrics_url)
+    for model, extra in ((TOY_MODEL, 1), (WRONG, 0)):
+        with_, without = counts[True][model]["1"], counts[False][model]["1"]
+        assert (with_["success"] - without["success"], with_["failed"], without["failed"]) == (extra, 0, 0), model
+
+
 def test_kaem_serve_runs_until_sigterm_and_stops_cleanly(repo, tmp_path):
     ports = free_ports(3)
     args = ["--model-repository", str(repo), "--grpc-port", str(ports[0]), "--http-port", str(ports[1]),

@@ -3,13 +3,16 @@ shipped model passes the memory, failed-request and /dev/shm targets (the tail-l
 gated), and a Python-backend model that keeps 16 KB per request is flagged for its memory growth; user mistakes
 exit 2.
 
-The two --short runs go side by side (two servers, two perf_analyzers), which halves their wall clock in the test
-suite: the memory targets count per request and per server process tree, and each run's /dev/shm check leaves out
-regions another live process maps, so sharing the cores changes their throughput, not their verdicts."""
+The two --short runs go side by side (two servers, two perf_analyzers), both pinned to one core (the last one this
+process may use): their 80 s are fixed, so sharing one core halves their wall clock in the test suite and leaves
+the other core to the suite's other worker. The memory targets count per request and per server process tree, and
+each run's /dev/shm check leaves out regions another live process maps, so sharing a core changes their
+throughput, not their verdicts."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -36,8 +39,11 @@ def short_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess[
     tmp = tmp_path_factory.mktemp("soak")
     runs = {"real": ["--short"], "leaky": ["--short", "--model-repository", str(_leaky_repository(tmp)),
                                            "--model", LEAKY_MODEL]}
+    core = {max(os.sched_getaffinity(0))}  # inherited by the servers, their stubs and perf_analyzer
     procs = {name: subprocess.Popen([*SOAK, *args, "--json", str(tmp / f"{name}.json")], cwd=ROOT, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name, args in runs.items()}
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    preexec_fn=lambda: os.sched_setaffinity(0, core))
+             for name, args in runs.items()}
     done = {}
     try:
         for name, proc in procs.items():

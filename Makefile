@@ -10,7 +10,9 @@ PYTEST_ARGS ?=
 # OpenMP threads that spin while waiting starve the other worker's process: they yield instead
 # (a 10 s training test took 19 s beside a busy torch process with spinning threads, 11 s with passive ones).
 TEST_WORKERS ?= 2
-TEST_ENV := OMP_WAIT_POLICY=PASSIVE
+# gRPC's fork support restarts its poller in a forked child, which can crash the child before exec once the
+# parent has used gRPC (grpc/grpc#43157); the tests fork servers from processes that use gRPC clients
+TEST_ENV := OMP_WAIT_POLICY=PASSIVE GRPC_ENABLE_FORK_SUPPORT=false
 
 .PHONY: setup data demo test test-all lint default-model loadtest clean help
 

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     with LocalTriton(args.model_repository, grpc_port=grpc, http_port=http, metrics_port=metrics) as server:
         print(f"   ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}")
         print(f"   log: {server.log_file}")
-        at_load = read_settled(server.metrics_url, DEFAULT_MODEL_NAME)  # Triton's warm-up requests count as requests
+        at_load = read_settled(server.metrics_url, DEFAULT_MODEL_NAME)  # the warm-up requests count as requests
 
         print("== 3/4 generate 64 images over gRPC")
         seeds = list(range(64))
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print("== 4/4 server metrics (Prometheus endpoint)")
         print(format_report(delta(read_settled(server.metrics_url, DEFAULT_MODEL_NAME), at_load)))
         warm = sum(v["requests"] for v in at_load.get(DEFAULT_MODEL_NAME, {}).values())
-        print(f"counts exclude the {warm:.0f} warm-up requests Triton ran at load (config.pbtxt model_warmup); "
+        grpc_warmup = ", and kaem-serve's one gRPC request" if server.warmed == DEFAULT_MODEL_NAME else ""
+        print(f"counts exclude the {warm:.0f} warm-up requests made at load (config.pbtxt model_warmup{grpc_warmup}); "
               "the quantiles are Triton's own window, which includes them")
     print(f"done in {time.perf_counter() - t_start:.0f} s; server stopped. Open {grid}.")
     return 0

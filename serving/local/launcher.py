@@ -261,7 +261,7 @@ class LocalTriton:
                 for spec in cfg.input:
                     kind = model_config_pb2.DataType.Name(spec.data_type).removeprefix("TYPE_")
                     dtype = triton_to_np_dtype(kind)
-                    if dtype is None or kind == "STRING":  # zeros are numbers only
+                    if dtype is None:  # TYPE_STRING: zeros are numbers only
                         break
                     shape = ([1] if cfg.max_batch_size > 0 else []) + [max(1, d) for d in spec.dims]
                     inputs.append(grpcclient.InferInput(spec.name, shape, kind))

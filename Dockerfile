@@ -11,6 +11,12 @@ FROM nvcr.io/nvidia/tritonserver:24.10-py3
 # Same repository layout and path convention as `kaem-serve --model-repository model_repository`.
 COPY model_repository/ /models/
 
+# The startup probe's warm-up (deploy/k8s/deployment.yaml): one gRPC inference per model before the pod takes
+# traffic, as kaem-serve sends locally. Standalone: the standard library, numpy and tritonclient (the client
+# release the project pins in constraints.txt).
+RUN python3 -m pip install --no-cache-dir "tritonclient[grpc]==2.73.0"
+COPY serving/warmup.py /opt/kaem/warmup.py
+
 # Unprivileged: the base image's `triton-server` user (uid 1000). Numeric, so Kubernetes'
 # runAsNonRoot can verify it; the server only reads /models.
 USER 1000:1000

@@ -48,8 +48,13 @@ def test_base_image_is_the_local_server_release():
     assert f"2.{(yy - 23) * 12 + mm + 29}.0" == LOCAL_TRITON_VERSION
 
 
+def _copies() -> dict[str, str]:
+    """COPY source -> destination."""
+    return dict(args.split() for inst, args in _instructions() if inst == "COPY")
+
+
 def test_image_serves_the_repository_kaem_serve_serves():
-    src, dest = _one("COPY").split()
+    (src, dest), = [(s, d) for s, d in _copies().items() if s.rstrip("/") == "model_repository"]
     assert src.rstrip("/") == build_parser().get_default("model_repository") == "model_repository"
     cmd = json.loads(_one("CMD"))
     assert cmd[0] == "tritonserver" and f"--model-repository={dest.rstrip('/')}" in cmd
@@ -66,3 +71,11 @@ def test_ports_healthcheck_and_user():
     assert f"127.0.0.1:{defaults.get_default('http_port')}/v2/health/ready" in health
     user = _one("USER").split(":")[0]
     assert user not in ("root", "0")
+
+
+def test_image_carries_the_startup_probes_warmup_script_and_its_client():
+    """deploy/k8s/deployment.yaml's startup probe runs /opt/kaem/warmup.py: the image copies it and installs the
+    tritonclient release the project pins (the script's only dependency besides numpy)."""
+    assert _copies()["serving/warmup.py"] == "/opt/kaem/warmup.py"
+    pinned = re.search(r"^tritonclient==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    assert any(inst == "RUN" and f'"tritonclient[grpc]=={pinned}"' in args for inst, args in _instructions())

@@ -20,8 +20,6 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from export.triton_config import (
     DEFAULT_MODEL_FILENAME,
     TritonConfigError,
@@ -31,6 +29,7 @@ from export.triton_config import (
     version_dirs,
 )
 from serving.local.triton_env import TritonNotInstalled, build_backend_dir, cache_dir, server_env, triton_install
+from serving.warmup import zeros_inputs
 from training.cli import command
 from training.errors import KaemError
 
@@ -242,14 +241,12 @@ class LocalTriton:
         """Send one batch-1 inference of zeros over gRPC to the first loaded model without a response cache; the
         model it went to, or None (no such model, or it failed: the server serves regardless).
 
-        Triton's ``model_warmup`` runs inside the server and leaves its gRPC frontend cold. Measured on fresh
-        servers (median of 4, the first request over the warm p50 of the next 50): 2.6x with nothing sent before,
-        1.4x after this request from another client; a request to an unknown model gave 2.0x and a metadata call
-        2.6x, so it takes a real inference. It counts as one request in that model's metrics; a model with a
-        response cache is left alone, so its cache counters are the clients' own."""
+        Triton's ``model_warmup`` leaves the gRPC frontend cold (serving/warmup.py has the measurements; the
+        production pod's startup probe runs that file against every model). One request warms the frontend; it
+        counts as one request in that model's metrics, and a model with a response cache is left alone, so its
+        cache counters are the clients' own."""
         import tritonclient.grpc as grpcclient
-        from tritonclient.grpc import model_config_pb2
-        from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+        from tritonclient.utils import InferenceServerException
 
         client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
@@ -257,16 +254,8 @@ class LocalTriton:
                 cfg = parse_config((self.model_repository / name / "config.pbtxt").read_text())
                 if cfg.response_cache.enable or not client.is_model_ready(name):
                     continue
-                inputs = []
-                for spec in cfg.input:
-                    kind = model_config_pb2.DataType.Name(spec.data_type).removeprefix("TYPE_")
-                    dtype = triton_to_np_dtype(kind)
-                    if dtype is None:  # TYPE_STRING: zeros are numbers only
-                        break
-                    shape = ([1] if cfg.max_batch_size > 0 else []) + [max(1, d) for d in spec.dims]
-                    inputs.append(grpcclient.InferInput(spec.name, shape, kind))
-                    inputs[-1].set_data_from_numpy(np.zeros(shape, dtype=dtype))
-                else:
+                inputs = zeros_inputs(cfg, grpcclient)
+                if inputs is not None:
                     client.infer(name, inputs, client_timeout=timeout_s)
                     return name
         except (InferenceServerException, TritonConfigError, OSError, TypeError, ValueError):

@@ -62,7 +62,12 @@ def test_deployment_keeps_the_production_promises(rendered: dict[str, dict]) -> 
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # The startup probe is the warm-up (serving/warmup.py, copied into the image by the Dockerfile): readiness and
+    # traffic start after one gRPC inference per model, sent to the container's own gRPC port.
+    grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+    assert c["startupProbe"]["exec"]["command"][:4] == ["python3", "/opt/kaem/warmup.py", "--url",
+                                                        f"127.0.0.1:{grpc_port}"]
+    assert c["startupProbe"]["timeoutSeconds"] > float(c["startupProbe"]["exec"]["command"][5])
     exit_timeout = int(next(a.split("=")[1] for a in c["args"] if a.startswith("--exit-timeout-secs=")))
     pause = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pause >= c["readinessProbe"]["periodSeconds"]

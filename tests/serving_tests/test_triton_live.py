@@ -6,8 +6,10 @@ One server per module (starting one takes seconds); tests that need another star
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,6 +254,38 @@ def test_start_warms_the_grpc_frontend_with_one_request(repo, tmp_path):
     for model, extra in ((TOY_MODEL, 1), (WRONG, 0)):
         with_, without = counts[True][model]["1"], counts[False][model]["1"]
         assert (with_["success"] - without["success"], with_["failed"], without["failed"]) == (extra, 0, 0), model
+
+
+def test_warmup_script_sends_one_request_per_model_and_runs_standalone(server, tmp_path):
+    """The production startup probe's script (copied alone into the image): exit 0 once every loaded model answered
+    one batch-1 request, which Triton counts; run as a copy in a directory of its own, as in the image."""
+    script = tmp_path / "warmup.py"
+    shutil.copy(ROOT / "serving" / "warmup.py", script)
+    before = metrics.read_settled(server.metrics_url)
+    done = subprocess.run([sys.executable, "-I", str(script), "--url", server.grpc_url], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"warm-up: one request each to {', '.join(sorted((TOY_MODEL, WRONG)))}"
+    after = metrics.read_settled(server.metrics_url)
+    for model in (TOY_MODEL, WRONG):
+        assert after[model]["1"]["success"] - before[model]["1"]["success"] == 1, model
+        assert after[model]["1"]["failed"] == before[model]["1"]["failed"], model
+
+
+def test_warmup_script_fails_in_one_line_without_a_server(tmp_path):
+    (port,) = free_ports(1)
+    done = subprocess.run([sys.executable, "-I", str(ROOT / "serving" / "warmup.py"), "--url", f"127.0.0.1:{port}",
+                           "--timeout", "2"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(f"warm-up: no answer from a Triton server at 127.0.0.1:{port}")
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_warmup_script_imports_only_what_the_production_image_has():
+    tree = ast.parse((ROOT / "serving" / "warmup.py").read_text())
+    roots = {(a.name if isinstance(n, ast.Import) else n.module).split(".")[0]
+             for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom) for a in n.names}
+    assert roots - set(sys.stdlib_module_names) == {"numpy", "tritonclient"}
 
 
 def test_kaem_serve_runs_until_sigterm_and_stops_cleanly(repo, tmp_path):

@@ -6,6 +6,7 @@ repository as a new numbered version, after graph checks and an onnxruntime-vs-e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,38 +231,93 @@ def _versions(model_dir: Path) -> list[int]:
     return [int(p.name) for p in version_dirs(model_dir)]
 
 
-def publish(onnx_file: Path, render: Callable[[Mapping[int, Mapping[str, str]]], str], model_dir: Path,
-            keep_versions: int, canary: str | None = None) -> int:
-    """Install the graph as the next version: written elsewhere, then renamed into place, so a
-    running server (polling the repository) never sees a half-written model. ``render`` makes the config from
-    the artifacts of the versions kept ({version: {"sha256": of its model.onnx, "canary": of its canary images}},
-    this one's ``canary`` digest given), which the launcher's integrity check and kaem-canary read."""
+@dataclass
+class _Staged:
+    """A graph copied next to its model folder, with the config that records it: what :func:`_install` renames into
+    place."""
+
+    model_dir: Path
+    version: int
+    staging: Path  # <model_dir>/.v<version>-*/model.onnx
+    config: str  # the rendered config.pbtxt recording this version
+    keep_versions: int
+
+
+def _stage(onnx_file: Path, render: Callable[[Mapping[int, Mapping[str, str]]], str], model_dir: Path,
+           keep_versions: int, canary: str | None) -> _Staged:
     model_dir.mkdir(parents=True, exist_ok=True)
     recorded = _recorded(model_dir)
     versions = _versions(model_dir)
     version = max(versions, default=0) + 1
-    target = model_dir / str(version)
     record = {"sha256": file_sha256(onnx_file), **({"canary": canary} if canary else {})}
     kept = {v: recorded[v] for v in [*versions, version][-keep_versions:] if v in recorded}
-    # Everything that can fail for lack of space happens before a new graph appears: the graph is copied into a
-    # staging folder and the config recording the new version is written (atomically); then one rename
-    # publishes the graph (the folder, or its file into an empty placeholder version). A full disk leaves the
-    # repository as it was.
+    config = render({**kept, version: record})
     staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=model_dir))
     try:
         shutil.copyfile(onnx_file, staging / "model.onnx")
-        write_config(model_dir, render({**kept, version: record}))
-        if target.exists():  # an empty placeholder (e.g. version 1 with .gitkeep): rename the file in
-            os.replace(staging / "model.onnx", target / "model.onnx")
-        else:
-            os.replace(staging, target)
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-    for old in _versions(model_dir)[:-keep_versions]:
-        shutil.rmtree(model_dir / str(old))
-        (model_dir / str(old)).mkdir()  # keep the numbered placeholder so a committed .gitkeep survives
-        if old == 1:
-            (model_dir / "1" / ".gitkeep").touch()
+        raise
+    return _Staged(model_dir, version, staging, config, keep_versions)
+
+
+def _install(staged: Sequence[_Staged]) -> None:
+    """Publish staged graphs together: every config is written (a few KB each, atomically), then every graph is
+    renamed into place. Copying the graphs, the step that needs space, happened in :func:`_stage`, so a full disk
+    leaves every model as it was; should a later config fail to write, the earlier ones are put back."""
+    written: list[tuple[_Staged, str | None]] = []
+    try:
+        for st in staged:
+            path = st.model_dir / "config.pbtxt"
+            before = path.read_text() if path.is_file() else None
+            write_config(st.model_dir, st.config)
+            written.append((st, before))
+    except BaseException:
+        for st, before in reversed(written):
+            with contextlib.suppress(OSError):
+                if before is None:
+                    (st.model_dir / "config.pbtxt").unlink()
+                else:
+                    write_config(st.model_dir, before)
+        raise
+    for st in staged:
+        target = st.model_dir / str(st.version)
+        if target.exists():  # an empty placeholder (e.g. version 1 with .gitkeep): rename the file in
+            os.replace(st.staging / "model.onnx", target / "model.onnx")
+        else:
+            os.replace(st.staging, target)
+    for st in staged:
+        shutil.rmtree(st.staging, ignore_errors=True)
+        for old in _versions(st.model_dir)[:-st.keep_versions]:
+            shutil.rmtree(st.model_dir / str(old))
+            (st.model_dir / str(old)).mkdir()  # keep the numbered placeholder so a committed .gitkeep survives
+            if old == 1:
+                (st.model_dir / "1" / ".gitkeep").touch()
+
+
+def publish_all(graphs: Sequence[tuple[Path, Callable[[Mapping[int, Mapping[str, str]]], str], Path, str | None]],
+                keep_versions: int) -> list[int]:
+    """Install each (graph, render, model_dir, canary) as its model's next version, all or none: each graph is
+    copied into a staging folder beside its model folder and its config rendered from the artifacts of the
+    versions kept ({version: {"sha256": of its model.onnx, "canary": of its canary images}}, which the launcher's
+    integrity check and kaem-canary read); only when every copy succeeded are the configs written and the folders
+    renamed into place, so a running server (polling the repository) never sees a half-written model, and a full
+    disk leaves every model at the version it had (kaem-export --seed-model publishes its two models so)."""
+    staged: list[_Staged] = []
+    try:
+        for onnx_file, render, model_dir, canary in graphs:
+            staged.append(_stage(onnx_file, render, model_dir, keep_versions, canary))
+        _install(staged)
+    finally:
+        for st in staged:
+            shutil.rmtree(st.staging, ignore_errors=True)
+    return [st.version for st in staged]
+
+
+def publish(onnx_file: Path, render: Callable[[Mapping[int, Mapping[str, str]]], str], model_dir: Path,
+            keep_versions: int, canary: str | None = None) -> int:
+    """Install the graph as the next version of the model in ``model_dir`` (:func:`publish_all` for one model)."""
+    (version,) = publish_all([(onnx_file, render, model_dir, canary)], keep_versions)
     return version
 
 
@@ -327,17 +383,16 @@ def export_checkpoint(checkpoint: str | Path, model_repository: str | Path = "mo
             check_seed_parity(sess, seed_sess, contract)
             seed_contract = dataclasses.replace(contract, inputs="seed")
             (seed_canary,) = seed_sess.run([OUTPUT_IMAGES], canary_rows(seed_contract))
+        graphs = [(path, lambda records: render_config(model_name, contract, max_batch_size=max_batch_size,
+                                                       artifacts=records, **(queue or {})),
+                   model_dir, canary_digest(sess, contract))]
+        if seed_contract is not None:
+            graphs.append((seed_file, lambda records: render_config(
+                seed_dir.name, seed_contract, max_batch_size=max_batch_size, artifacts=records, **(queue or {})),
+                seed_dir, canary_sha256(seed_canary)))
         try:
-            version = publish(path, lambda records: render_config(model_name, contract, max_batch_size=max_batch_size,
-                                                                  artifacts=records, **(queue or {})),
-                              model_dir, keep_versions,
-                              canary=canary_digest(sess, contract))
-            seed_path = None
-            if seed_contract is not None:
-                seed_version = publish(seed_file, lambda records: render_config(
-                    seed_dir.name, seed_contract, max_batch_size=max_batch_size, artifacts=records, **(queue or {})),
-                    seed_dir, keep_versions, canary=canary_sha256(seed_canary))
-                seed_path = seed_dir / str(seed_version) / "model.onnx"
+            version, *seed_version = publish_all(graphs, keep_versions)
+            seed_path = seed_dir / str(seed_version[0]) / "model.onnx" if seed_version else None
         except OSError as err:  # an uncreatable or read-only repository, a full disk
             raise ExportError(f"cannot install the model under {model_dir}: {err.strerror or err}"
                               f"{f' ({err.filename})' if err.filename else ''}") from err

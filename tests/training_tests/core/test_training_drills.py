@@ -173,3 +173,25 @@ def test_a_full_disk_while_exporting_keeps_the_published_version(digits_checkpoi
         after = {p.relative_to(model_dir): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
         assert after == before  # version 1 and its config as they were, no version 2, no staging folder
         assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt"]
+
+
+def test_a_full_disk_while_exporting_a_seed_model_keeps_both_models_at_one_version(digits_checkpoint: Path,
+                                                                                  tmp_path: Path) -> None:
+    """kaem-export --seed-model publishes two models: room for one graph but not both publishes neither, so the
+    `u` model and its seed twin never serve different versions."""
+    from export.module import ExportError
+    from export.to_onnx import export_checkpoint
+
+    with _tmpfs(tmp_path / "small", "4m") as small:
+        repo = small / "repo"
+        export_checkpoint(digits_checkpoint, repo, "kaem_digits", seed_model=True)
+        dirs = [repo / "kaem_digits", repo / "kaem_digits_seed"]
+        before = {p.relative_to(repo): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+        graph = max((d / "1" / "model.onnx").stat().st_size for d in dirs)
+        free = shutil.disk_usage(small).free
+        (small / "filler").write_bytes(b"\0" * (free - graph - graph // 2))  # one graph fits, two do not
+        with pytest.raises(ExportError, match="No space left on device"):
+            export_checkpoint(digits_checkpoint, repo, "kaem_digits", seed_model=True)
+        after = {p.relative_to(repo): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+        assert after == before  # both at version 1 with their configs, no staging folder left
+        assert [sorted(p.name for p in d.iterdir()) for d in dirs] == [["1", "config.pbtxt"]] * 2

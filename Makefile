@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= data
 PYTEST_ARGS ?=
+# make test's marker expression, narrowed with TEST_MARKERS='not gpu and not slow' or TEST_MARKERS='triton and not gpu'
+# (a -m in PYTEST_ARGS would replace it, gpu tests included).
+TEST_MARKERS ?= not gpu
 # pytest-xdist workers for make test: many tests wait on servers, perf_analyzer windows or subprocesses, so two
 # workers fit a 2-core machine (one module per worker: its fixtures, such as a started server, stay single).
 # OpenMP threads that spin while waiting starve the other worker's process: they yield instead
@@ -35,7 +38,7 @@ demo: setup  ## the main job: default model -> ONNX -> Triton -> 64 images over 
 	$(BIN)/python -m serving.demo
 
 test: setup  ## every test except those marked gpu (starts the real Triton server where needed)
-	$(TEST_ENV) $(BIN)/python -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -m "$(TEST_MARKERS)" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-all: setup  ## everything, including gpu-marked tests (needs a CUDA device)
 	$(TEST_ENV) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

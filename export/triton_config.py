@@ -49,8 +49,14 @@ DEFAULT_MAX_QUEUE_DELAY_US = 0
 # no default_queue_policy block): on the local Triton 2.51 any of max_queue_size, default_timeout_microseconds or
 # allow_timeout_override in the policy made the dynamic batcher wait ~500 ms between executions in about half of
 # the bursts of 8 batch-64 requests measured (none without the block), so requests in flight at a SIGTERM timed out
-# instead of draining (tests/serving_tests/test_drain.py). Set them with `kaem-export --max-queue-size N
-# --queue-timeout-us T` once a deployment's Triton has been measured with them (benchmarks/overload.py).
+# instead of draining (tests/serving_tests/test_drain.py). The cause is in Triton's core (read at r24.10 = 2.51 and at
+# core main of 2026-06): any of the three turns off payload prefetching (PriorityQueue: support_prefetching_), so
+# the batcher forms a batch only while a model instance waits for one (DynamicBatchScheduler::
+# WaitForPayloadSlotAvailable, a 500 ms wait on its condition variable). An instance that finishes and waits again
+# (RateLimiter::DequeuePayload) does not signal that variable; only a new request or the 500 ms timer wakes the
+# batcher. Under steady closed-loop load the next request comes soon; after a burst or during a drain, queued
+# requests sit out the timer. The production image runs the same core. Set them with `kaem-export --max-queue-size
+# N --queue-timeout-us T` once a deployment's Triton has been measured with them (benchmarks/overload.py).
 DEFAULT_MAX_QUEUE_SIZE = 0
 DEFAULT_QUEUE_TIMEOUT_US = 0
 # What the export records about each version it keeps, as parameters "artifact.<name>.<version>": "sha256", the

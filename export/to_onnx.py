@@ -238,13 +238,15 @@ class _Staged:
 
     model_dir: Path
     version: int
-    staging: Path  # <model_dir>/.v<version>-*/model.onnx
+    staging: Path  # the folder <model_dir>/.v<version>-*, holding model.onnx
     config: str  # the rendered config.pbtxt recording this version
     keep_versions: int
+    created: bool  # model_dir did not exist before (removed again if the publication fails)
 
 
 def _stage(onnx_file: Path, render: Callable[[Mapping[int, Mapping[str, str]]], str], model_dir: Path,
            keep_versions: int, canary: str | None) -> _Staged:
+    created = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
     recorded = _recorded(model_dir)
     versions = _versions(model_dir)
@@ -252,13 +254,31 @@ def _stage(onnx_file: Path, render: Callable[[Mapping[int, Mapping[str, str]]], 
     record = {"sha256": file_sha256(onnx_file), **({"canary": canary} if canary else {})}
     kept = {v: recorded[v] for v in [*versions, version][-keep_versions:] if v in recorded}
     config = render({**kept, version: record})
-    staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=model_dir))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=model_dir))
+    except BaseException:
+        _remove_if_created(model_dir, created)
+        raise
+    staged = _Staged(model_dir, version, staging, config, keep_versions, created)
     try:
         shutil.copyfile(onnx_file, staging / "model.onnx")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _abandon([staged])
         raise
-    return _Staged(model_dir, version, staging, config, keep_versions)
+    return staged
+
+
+def _remove_if_created(model_dir: Path, created: bool) -> None:
+    if created:
+        with contextlib.suppress(OSError):
+            model_dir.rmdir()  # only if still empty: a folder without config.pbtxt would fail the server's load
+
+
+def _abandon(staged: Sequence[_Staged]) -> None:
+    """Undo what staging left: the staging folders, and model folders this publication created."""
+    for st in staged:
+        shutil.rmtree(st.staging, ignore_errors=True)
+        _remove_if_created(st.model_dir, st.created)
 
 
 def _install(staged: Sequence[_Staged]) -> None:
@@ -287,7 +307,7 @@ def _install(staged: Sequence[_Staged]) -> None:
         else:
             os.replace(st.staging, target)
     for st in staged:
-        shutil.rmtree(st.staging, ignore_errors=True)
+        shutil.rmtree(st.staging, ignore_errors=True)  # left when only its file moved into a placeholder
         for old in _versions(st.model_dir)[:-st.keep_versions]:
             shutil.rmtree(st.model_dir / str(old))
             (st.model_dir / str(old)).mkdir()  # keep the numbered placeholder so a committed .gitkeep survives
@@ -308,9 +328,9 @@ def publish_all(graphs: Sequence[tuple[Path, Callable[[Mapping[int, Mapping[str,
         for onnx_file, render, model_dir, canary in graphs:
             staged.append(_stage(onnx_file, render, model_dir, keep_versions, canary))
         _install(staged)
-    finally:
-        for st in staged:
-            shutil.rmtree(st.staging, ignore_errors=True)
+    except BaseException:
+        _abandon(staged)
+        raise
     return [st.version for st in staged]
 
 

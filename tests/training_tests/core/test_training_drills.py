@@ -195,3 +195,8 @@ def test_a_full_disk_while_exporting_a_seed_model_keeps_both_models_at_one_versi
         after = {p.relative_to(repo): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
         assert after == before  # both at version 1 with their configs, no staging folder left
         assert [sorted(p.name for p in d.iterdir()) for d in dirs] == [["1", "config.pbtxt"]] * 2
+        # a first export under new names that cannot fit leaves no model folder behind (a folder without a
+        # config.pbtxt would fail the server's load)
+        with pytest.raises(ExportError, match="No space left on device"):
+            export_checkpoint(digits_checkpoint, repo, "kaem_new", seed_model=True)
+        assert sorted(p.name for p in repo.iterdir()) == ["kaem_digits", "kaem_digits_seed"]

@@ -35,7 +35,7 @@ def zeros_inputs(config, client_module) -> list | None:
     for spec in config.input:
         kind = model_config_pb2.DataType.Name(spec.data_type).removeprefix("TYPE_")
         dtype = triton_to_np_dtype(kind)
-        if dtype is None or kind == "STRING":  # zeros are numbers only
+        if dtype is None:  # TYPE_STRING: zeros are numbers only
             return None
         shape = ([1] if config.max_batch_size > 0 else []) + [max(1, d) for d in spec.dims]
         inputs.append(client_module.InferInput(spec.name, shape, kind))

@@ -54,7 +54,7 @@ def importance_sampling_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: 
     the (b, proposal) pairs that carry weight after resampling (about one per image when the ESS is
     ~1), so the decoder's backward, the decoder-noise likelihood's backward and the prior energies run
     on those alone. Same draws, value and gradients as :func:`importance_sampling_loss_reference`."""
-    prior, dev = model.prior, x.device
+    dev = x.device
     B, S = x.shape[0], cfg.n_samples
 
     # 1. N_s exact prior proposals shared by the batch, and fresh ones for the CD term.
@@ -84,10 +84,7 @@ def importance_sampling_loss(model: KAEM, x: Tensor, gen: torch.Generator, cfg: 
         logits_used = model.decode(z[used])
     with record_function("kaem.likelihood"):
         ell_k = model.log_likelihood_paired(x[b_k], logits_used[pos], None if noise is None else noise[b_k, j_k])
-    with record_function("kaem.prior_energy"):
-        logp_used = prior.log_prob(z[used], normalized=not cfg.contrastive, log_z=log_z)
-        prior_term = prior.log_prob(z_prior, log_z=log_z).mean() if cfg.contrastive else torch.zeros((), device=dev)
-    prior_post = (w_used * logp_used).sum() / B
+    prior_post, prior_term = _prior_terms(model, z[used], w_used / B, z_prior, cfg, log_z)
     loss = -((w_k * ell_k).sum() / B + prior_post - prior_term)
     stats = _is_stats(model, x, loss, ell, ell_post, float(prior_post.detach()), prior_term, ess, resample)
     return LossOutput(loss=loss, stats=stats, z=z)
@@ -127,6 +124,24 @@ def _prior_tables(model: KAEM, cfg: PosteriorConfig) -> tuple[Tensor, Tensor | N
     prior = model.prior
     with record_function("kaem.prior_energy"):
         return prior.tables(with_log_z=prior.kind == "mixture" or not cfg.contrastive)
+
+
+def _prior_terms(model: KAEM, z_post: Tensor, w_post: Tensor, z_prior: Tensor, cfg: PosteriorConfig,
+                 log_z: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The loss's two prior terms on draws without gradient: (Σ_n w_n log π̃(z_n) over the posterior states,
+    normalised when the loss is not contrastive; Ê_prior log π̃(z') over the CD draws, or 0 when not contrastive),
+    both from one weighted pass over the prior's basis (EnergyPrior.log_prob_sums)."""
+    prior = model.prior
+    with record_function("kaem.prior_energy"):
+        if not cfg.contrastive:
+            post = prior.log_prob_sums(z_post, w_post.unsqueeze(1), normalized=True, log_z=log_z)[0]
+            return post, torch.zeros((), device=z_post.device)
+        n, m = len(z_post), len(z_prior)
+        a = z_post.new_zeros(n + m, 2)
+        a[:n, 0] = w_post
+        a[n:, 1] = 1.0 / m
+        post, cd = prior.log_prob_sums(torch.cat([z_post, z_prior]), a, log_z=log_z)
+        return post, cd
 
 
 def _proposals(model: KAEM, n: int, n_cd: int, gen: torch.Generator, device: torch.device, cdf: Tensor
@@ -248,11 +263,8 @@ def _posterior_loss(model: KAEM, x: Tensor, z_post: Tensor, z_prior: Tensor, ell
     """L = −[Ê_post(log π̃(z) + ℓ(x|z)) − Ê_prior(log π̃(z'))] on detached chain states (docs/design.md §5.2),
     with ell[B] = ℓ(x_b | z_b) and the step's log Z (:func:`_prior_tables`). ``data_term`` replaces
     Ê_post ℓ (the thermodynamic integral)."""
-    prior = model.prior
-    with record_function("kaem.prior_energy"):
-        logp = prior.log_prob(z_post, normalized=not cfg.contrastive, log_z=log_z).mean()
-        prior_term = (prior.log_prob(z_prior, log_z=log_z).mean() if cfg.contrastive
-                      else torch.zeros((), device=x.device))
+    logp, prior_term = _prior_terms(model, z_post, torch.full((len(z_post),), 1.0 / len(z_post), device=x.device),
+                                    z_prior, cfg, log_z)
     data = ell.mean() if data_term is None else data_term
     loss = -(data + logp - prior_term)
     with torch.no_grad():

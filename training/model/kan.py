@@ -74,8 +74,7 @@ class Basis(nn.Module):
         x = x.unsqueeze(-1)
         if self.kind == "rbf":
             grid = self.grid if grid is None else grid
-            h = (grid[..., -1:] - grid[..., :1]) / self.size  # centre spacing per index
-            scale = -0.5 / (h * self.tau).square()  # exp(-½ ((x - c) / (h τ))²) = exp(scale · (x - c)²)
+            scale = self._rbf_scale(grid)
             training = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)
             if training and not torch.compiler.is_compiling():
                 return _RBF.apply(x, grid, scale)
@@ -89,6 +88,21 @@ class Basis(nn.Module):
         # Chebyshev: cos(k·arccos(tanh(x)/τ)); clamp keeps arccos defined when τ < 1.
         c = torch.clamp(torch.tanh(x) / self.tau, -1.0 + 1e-6, 1.0 - 1e-6)
         return torch.cos(self.degree * torch.acos(c))
+
+    def _rbf_scale(self, grid: Tensor) -> Tensor:
+        """exp(-½ ((x - c) / (h τ))²) = exp(scale · (x - c)²), with h the centre spacing per index."""
+        h = (grid[..., -1:] - grid[..., :1]) / self.size
+        return -0.5 / (h * self.tau).square()
+
+    def weighted_sum(self, x: Tensor, a: Tensor) -> Tensor:
+        """S[c, ..., k] = Σ_n a[n, c] B_k(x[n, ...]) for inputs x[N, *grid_shape] without gradient and weights a[N, C]:
+        ``torch.einsum("nc,n...k->c...k", a, self(x))``, the RBF training path without keeping the basis values."""
+        if self.kind == "rbf" and not torch.compiler.is_compiling():
+            scale = self._rbf_scale(self.grid)
+            if torch.is_grad_enabled() and scale.requires_grad:
+                return _WeightedRBF.apply(x, self.grid, scale, a)
+        b = self(x)
+        return (a.T @ b.flatten(1)).view(a.shape[1], *b.shape[1:])
 
     @torch.no_grad()
     def adapted_grid(self, samples: Tensor, uniform_share: float = 0.05) -> Tensor:
@@ -157,6 +171,29 @@ class _RBF(torch.autograd.Function):
         return torch.where(e <= _RBF._FLOOR_VALUE, 0.0, e * d)
 
 
+class _WeightedRBF(torch.autograd.Function):
+    """S = Σ_n a[n, c]·e[n, ..., k] with e the RBF values of :class:`_RBF` (inputs x without gradient), and its
+    derivative in ``scale`` (the trainable τ): de/dscale = (x − c)²·e, 0 where the exponent is floored. The
+    weighted sums of e and of (x − c)²·e are taken in the forward as two [C, N]·[N, E·K] matmuls, so the backward
+    is one product over [C, E, K] instead of re-walking the [N, E, K] values (Basis.weighted_sum)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, grid: Tensor, scale: Tensor, a: Tensor) -> Tensor:  # type: ignore[override]
+        t2 = x.unsqueeze(-1) - grid
+        t2.mul_(t2)  # (x − c)², [N, *grid_shape, K]
+        e = torch.mul(t2, scale).clamp_(min=EXP_FLOOR).exp_()
+        at = a.T
+        out_shape = (a.shape[1], *e.shape[1:])
+        ctx.save_for_backward(at @ t2.mul_(e).masked_fill_(e <= _RBF._FLOOR_VALUE, 0.0).flatten(1))
+        ctx.out_shape, ctx.scale_shape = out_shape, scale.shape
+        return (at @ e.flatten(1)).view(out_shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (dscale,) = ctx.saved_tensors
+        return None, None, (grad * dscale.view(ctx.out_shape)).sum(0).sum_to_size(ctx.scale_shape), None
+
+
 def _ridge_solve(design: Tensor, target: Tensor, ridge: float) -> Tensor:
     """Batched least squares: min ||design·c - target||² + ridge·||c||², design [..., N, K]."""
     gram = design.transpose(-1, -2) @ design
@@ -218,6 +255,18 @@ class EnergyBank(_SplineFunctions):
     def forward(self, x: Tensor) -> Tensor:
         out = self.w_sp * self.spline(x)
         return out + self.w_base * self.act(x) if self.use_base else out
+
+    def weighted_sum(self, x: Tensor, a: Tensor) -> Tensor:
+        """Σ_n a[n, c] φ_e(x[n, e]) for inputs x[N, *shape] without gradient and weights a[N, C] -> [C, *shape].
+        In value and parameter gradients ``torch.einsum("nc,n...->c...", a, self(x))``, but φ is linear in its
+        coefficients, so the basis is summed over the samples first (Basis.weighted_sum) and nothing of size N·E·K
+        is kept for the backward (the prior's terms of a loss)."""
+        if x.requires_grad:
+            return torch.einsum("nc,n...->c...", a, self(x))
+        out = self.w_sp * (self.basis.weighted_sum(x, a) * self.coef).sum(-1)
+        if self.use_base:
+            out = out + self.w_base * (a.T @ self.act(x).flatten(1)).view_as(out)
+        return out
 
     def shares_inputs(self) -> bool:
         """Whether every function of a row (the last axis of ``shape``) has the same basis: true for FFT and

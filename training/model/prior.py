@@ -353,6 +353,17 @@ class EnergyPrior(nn.Module):
         comp = self.log_alpha + self._energy(z) - (self.log_normalizer() if log_z is None else log_z)
         return (torch.logsumexp(comp, dim=-1) + self.log_pi0(z)).sum(-1)
 
+    def log_prob_sums(self, z: Tensor, a: Tensor, normalized: bool = False, log_z: Tensor | None = None) -> Tensor:
+        """Σ_n a[n, c] log pi(z_n) for weights a[N, C] -> [C]: :meth:`log_prob` weighted and summed over the samples,
+        with the same value and gradients. For the KART layouts and draws without gradient (a loss's prior terms) the
+        energies are summed through EnergyBank.weighted_sum, which never keeps the [N, Q, P, K] basis values."""
+        if self.kind == "mixture" or z.requires_grad:
+            return a.T @ self.log_prob(z, normalized, log_z)
+        lp = self.f.weighted_sum(z, a).sum((-1, -2)) + a.T @ self.log_pi0(z).sum((-1, -2))
+        if normalized:
+            lp = lp - a.sum(0) * (self.log_normalizer() if log_z is None else log_z).sum()
+        return lp
+
     def density_on_nodes(self) -> tuple[Tensor, Tensor, Tensor]:
         """(nodes[N], pi[Q, P, N], pi0[N]) normalised with the quadrature weights (for plots)."""
         with torch.no_grad():

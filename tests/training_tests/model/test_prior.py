@@ -675,3 +675,29 @@ def test_distinct_input_layouts_decorrelate_the_latent() -> None:
         corr[kind] = float(np.abs(c[~np.eye(6, dtype=bool)]).max())
     assert corr["univariate"] > 0.999
     assert corr["independent"] < 0.1 and corr["folded"] < 0.8, corr
+
+
+@pytest.mark.parametrize("kind", ["univariate", "independent", "folded", "mixture"])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_log_prob_sums_equal_the_weighted_per_sample_log_densities(kind: str, normalized: bool) -> None:
+    """The loss's prior terms Σ_n a_nc log π(z_n) (EnergyPrior.log_prob_sums: the KART layouts sum the basis over
+    the samples first) have the value and the parameter gradients of the per-sample log π weighted and summed."""
+    prior = _prior(kind=kind).double()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        z = prior.sample(torch.rand(12, prior.u_dim, generator=gen, dtype=torch.float64))
+    a = torch.randn(12, 2, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (lambda: prior.log_prob_sums(z, a, normalized),
+               lambda: a.T @ prior.log_prob(z, normalized)):
+        out = fn()
+        params = [p for p in prior.parameters() if p.requires_grad]
+        results.append((out.detach(), torch.autograd.grad(out @ torch.tensor([1.0, -0.7], dtype=torch.float64),
+                                                          params, allow_unused=True)))
+    (v_fast, g_fast), (v_plain, g_plain) = results
+    assert v_fast.shape == (2,)
+    torch.testing.assert_close(v_fast, v_plain)
+    for a_, b_ in zip(g_fast, g_plain, strict=True):
+        assert (a_ is None) == (b_ is None)
+        if a_ is not None:
+            torch.testing.assert_close(a_, b_)

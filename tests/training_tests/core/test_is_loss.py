@@ -166,14 +166,17 @@ def test_normalised_prior_path_gives_finite_gradients() -> None:
 
 
 @pytest.mark.parametrize("kind", ["univariate", "mixture", "independent"])
-@pytest.mark.parametrize("case", ["noisy", "quiet", "no_resampling", "normalised", "cd_samples"])
+@pytest.mark.parametrize("case", ["noisy", "quiet", "no_resampling", "normalised", "cd_samples", "many_proposals"])
 def test_fast_loss_equals_the_direct_form(kind: str, case: str) -> None:
     """The default loss builds gradients from the weighted (image, proposal) pairs only; its value, stats
-    and every parameter gradient equal the direct form's, where all B×N_s pairs carry gradients."""
+    and every parameter gradient equal the direct form's, where all B×N_s pairs carry gradients (N_s = B:
+    one decode of every proposal with gradients; N_s > B: a frozen decode, then the used ones again)."""
     post = {"noisy": CFG.posterior, "quiet": dataclasses.replace(CFG.posterior, decoder_noise=False),
             "no_resampling": dataclasses.replace(CFG.posterior, ess_threshold=0.0),
             "normalised": dataclasses.replace(CFG.posterior, contrastive=False),
-            "cd_samples": dataclasses.replace(CFG.posterior, cd_samples=7)}[case]
+            "cd_samples": dataclasses.replace(CFG.posterior, cd_samples=7),
+            # N_s > B: weights from a frozen forward, gradients from decoding the used proposals again
+            "many_proposals": dataclasses.replace(CFG.posterior, n_samples=3 * CFG.train.batch_size)}[case]
     model = KAEM(dataclasses.replace(CFG, prior=dataclasses.replace(CFG.prior, kind=kind)), init_seed=6)
     x = _digits(CFG.train.batch_size)
     results = []

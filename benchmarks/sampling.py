@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.no_grad():
         cdf = kaem.prior.cdf_table()
-        lookup = BucketLookup(cdf)
+        lookup = BucketLookup(cdf, kaem.prior.knots)
     results: dict[str, dict[str, dict]] = {str(bs): {} for bs in batches}
     parity: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,7 +36,7 @@ class ServedGenerator(nn.Module):
             raise ExportError(f"a {precision} export needs the KAN decoder, not {type(model.decoder).__name__}")
         dtype = torch.float16 if precision == "fp16" else torch.float32
         with torch.no_grad():
-            self.lookup = BucketLookup(model.prior.cdf_table())
+            self.lookup = BucketLookup(model.prior.cdf_table(), model.prior.knots)
             self.n_weights = len(model.decoder.layers) if kan else 0
             for i in range(self.n_weights):
                 self.register_buffer(f"weight{i}", model.decoder.layers[i].weight().detach().to(dtype).clone())

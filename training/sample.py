@@ -35,7 +35,7 @@ def sample_images(model: LatentImageModel, seeds: Iterable[int], truncation: flo
     u = torch.from_numpy(u_for_model(model, seeds, truncation))
     dev = next(model.parameters()).device
     if isinstance(model, KAEM):  # the served graph's lookup: the binary search's index, ~1.4x faster eagerly
-        lookup = BucketLookup(model.prior.cdf_table())
+        lookup = BucketLookup(model.prior.cdf_table(), model.prior.knots)
         gen = lambda v: model.generate(v, lookup=lookup)  # noqa: E731
     else:
         gen = model.generate

@@ -96,10 +96,11 @@ def tent_fold(v: Tensor) -> Tensor:
     return 1.0 - torch.abs(2.0 * (v - torch.floor(v)) - 1.0)
 
 
-def count_below(table: Tensor, value: Tensor) -> Tensor:
-    """#{j : table_j < value} over the last axis, as int64. Summed in float32 then cast: the int64
+def count_below(table: Tensor, value: Tensor, dtype: torch.dtype = torch.int64) -> Tensor:
+    """#{j : table_j < value} over the last axis, as ``dtype``. Summed in float32 (then cast): the int64
     sum runs ~5x slower in onnxruntime with identical output (docs/design.md §11.2)."""
-    return (table < value.unsqueeze(-1)).to(torch.float32).sum(-1).to(torch.int64)
+    count = (table < value.unsqueeze(-1)).to(torch.float32).sum(-1)
+    return count if dtype == torch.float32 else count.to(dtype)
 
 
 def _bucket(cdf: Tensor, u: Tensor) -> Tensor:
@@ -157,8 +158,10 @@ class BucketLookup(nn.Module):
     C_k-1, C_k sit at record slots count + 1 and count + 2. M is the least power of two ≥ 16 with W ≤
     ``max_window`` (capped at ``max_buckets``, where W is whatever that M needs: still exact)."""
 
-    def __init__(self, cdf: Tensor, max_window: int = 12, max_buckets: int = 4096):
+    def __init__(self, cdf: Tensor, knots: Tensor, max_window: int = 12, max_buckets: int = 4096):
         super().__init__()
+        # (t_k-1, t_k) at row k − 1: both knots of a cell in one gather
+        self.register_buffer("knot_pairs", torch.stack([knots[:-1], knots[1:]], -1).detach().float().contiguous())
         rows = cdf.detach().reshape(-1, cdf.shape[-1]).float().contiguous()  # [R, N+1]
         self.n_cols = rows.shape[1]
         m = 16
@@ -185,30 +188,41 @@ class BucketLookup(nn.Module):
     def window(self) -> int:
         return self.records.shape[1] - 3
 
-    def _locate(self, row: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(start, #{record < u}, the records) for sanitised ``u`` and table rows ``row``."""
-        m = torch.clamp(torch.floor(u * self.n_buckets), 0, self.n_buckets - 1).to(torch.int64)
-        flat = (row * self.n_buckets + m).expand(u.shape).reshape(-1)
+    def _locate(self, row: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """(the records, which of their values lie below u) for sanitised ``u`` and table rows ``row`` (any dtype)
+        broadcastable to it. row·M + bucket is formed in floating point, exact for integers below 2^24 (float64
+        past that), and cast to int64 once for the gather: onnxruntime's int64 arithmetic is slow (§11.9)."""
+        dtype = torch.float32 if self.records.shape[0] < (1 << 24) else torch.float64
+        m = torch.clamp(torch.floor(u * self.n_buckets), 0, self.n_buckets - 1).to(dtype)
+        flat = (row.to(dtype) * self.n_buckets + m).expand(u.shape).reshape(-1).to(torch.int64)
         rec = torch.index_select(self.records, 0, flat).view(*u.shape, self.records.shape[1])
-        start = (-rec[..., 0] - 1).to(torch.int64)
-        return start, count_below(rec, u), rec
+        return rec, rec < u.unsqueeze(-1)
+
+    @staticmethod
+    def _k(rec: Tensor, count: Tensor) -> Tensor:
+        """k = start + #{record < u} − 2 = count − rec_0 − 3, in rec's dtype (exact). rec_0 = −(start + 1) is the
+        record's least value: in the graph a min over the record reads it (onnxruntime gathers one column slowly,
+        torch the other way round); the same number either way."""
+        rec0 = rec.amin(-1) if torch.onnx.is_in_onnx_export() else rec[..., 0]
+        return count - rec0 - 3
 
     def count(self, row: Tensor, u: Tensor) -> Tensor:
         """#{j : C_row,j < u} for sanitised ``u`` and row indices ``row`` broadcastable to it, int64."""
-        start, below, _ = self._locate(row, u)
-        return start + below - 2
+        rec, below = self._locate(row, u)
+        return self._k(rec, below.to(rec.dtype).sum(-1)).to(torch.int64)
 
-    def invert(self, knots: Tensor, row: Tensor, u: Tensor) -> Tensor:
+    def invert(self, row: Tensor, u: Tensor) -> Tensor:
         """F⁻¹ of table row ``row`` at ``u``: the same k, table values and interpolation as :func:`inverse_cdf`
-        (k = start + count lies in 1..N for sanitised u, so C_k-1 and C_k are record slots count + 1 and
-        count + 2, i.e. below − 1 and below)."""
-        start, below, rec = self._locate(row, u)
-        k = torch.clamp(start + below - 2, 1, self.n_cols - 1)
-        c_lo = torch.gather(rec, -1, (below - 1).unsqueeze(-1)).squeeze(-1)
-        c_hi = torch.gather(rec, -1, below.unsqueeze(-1)).squeeze(-1)
-        t_lo = torch.index_select(knots, 0, (k - 1).reshape(-1)).view(k.shape)
-        t_hi = torch.index_select(knots, 0, k.reshape(-1)).view(k.shape)
-        return _interpolate(c_lo, c_hi, t_lo, t_hi, u)
+        (k = start + #{record < u} − 2 lies in 1..N for sanitised u): C_k-1 and C_k are record slots
+        #{record < u} − 1 and #{record < u}, gathered as a pair, and t_k-1 and t_k come as a pair from the knot
+        pairs. Indices are formed in float (exact) and cast once per gather."""
+        rec, below = self._locate(row, u)
+        count = below.to(rec.dtype).sum(-1)
+        k = torch.clamp(self._k(rec, count), 1, self.n_cols - 1)
+        # stacked, not count[..., None] + [-1, 0]: onnxruntime's broadcasting ops over a trailing axis of 1 are slow
+        c = torch.gather(rec, -1, torch.stack([count - 1, count], -1).to(torch.int64))
+        t = torch.index_select(self.knot_pairs, 0, (k - 1).reshape(-1).to(torch.int64)).view(*k.shape, 2)
+        return _interpolate(c[..., 0], c[..., 1], t[..., 0], t[..., 1], u)
 
 
 def _interpolate(c_lo: Tensor, c_hi: Tensor, t_lo: Tensor, t_hi: Tensor, u: Tensor) -> Tensor:
@@ -319,12 +333,13 @@ class EnergyPrior(nn.Module):
         u = sanitize_u(u)
         if self.kind == "mixture":
             v, w = u[:, : self.Q], u[:, self.Q :]
-            # Component p* = #{p : cumsum(α_q)_p < v} (compare-and-count), then invert its CDF row.
-            p_star = torch.clamp(count_below(self.cum_alpha, v), 0, self.P - 1)
-            row = torch.arange(self.Q, device=u.device) * self.P + p_star
+            # Component p* = #{p : cumsum(α_q)_p < v} (compare-and-count), then invert its CDF row. The row index
+            # is formed in float32 (exact: Q·P < 2^24), which the lookup takes as it is (docs/design.md §11.9).
+            p_star = torch.clamp(count_below(self.cum_alpha, v, torch.float32), 0, self.P - 1)
+            row = torch.arange(self.Q, device=u.device, dtype=torch.float32) * self.P + p_star
             if lookup is not None:
-                return lookup.invert(self.knots, row, w)
-            return inverse_cdf_rows(cdf.reshape(self.Q * self.P, -1), self.knots, row, w)
+                return lookup.invert(row, w)
+            return inverse_cdf_rows(cdf.reshape(self.Q * self.P, -1), self.knots, row.to(torch.int64), w)
         if self.kind == "univariate":
             u = u.unsqueeze(1).expand(-1, self.Q, -1)
         elif self.kind == "folded":
@@ -332,7 +347,7 @@ class EnergyPrior(nn.Module):
         else:  # independent
             u = u.view(-1, self.Q, self.P)
         if lookup is not None:
-            return lookup.invert(self.knots, torch.arange(self.Q * self.P, device=u.device).view(self.Q, self.P), u)
+            return lookup.invert(torch.arange(self.Q * self.P, device=u.device).view(self.Q, self.P), u)
         return inverse_cdf(cdf, self.knots, u)
 
     def latent(self, z: Tensor) -> Tensor:

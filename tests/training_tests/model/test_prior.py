@@ -561,16 +561,16 @@ def test_bucket_lookup_gives_the_binary_search_index_bit_for_bit() -> None:
     table = _hard_tables(g)
     knots = torch.linspace(-1.2, 1.2, table.shape[1])
     for max_window, max_buckets in [(1, 1 << 12), (4, 1 << 20), (64, 16)]:
-        lookup = BucketLookup(table, max_window=max_window, max_buckets=max_buckets)
+        lookup = BucketLookup(table, knots, max_window=max_window, max_buckets=max_buckets)
         assert lookup.n_buckets & (lookup.n_buckets - 1) == 0 and 16 <= lookup.n_buckets <= max(16, max_buckets)
         u = _edge_uniforms(table, lookup.n_buckets, g, 3000)
         row = torch.randint(0, table.shape[0], u.shape, generator=g)
         want = count_below(table[row], u)
         assert torch.equal(lookup.count(row, u), want)
-        torch.testing.assert_close(lookup.invert(knots, row, u), inverse_cdf(table[row], knots, u), rtol=0, atol=0)
+        torch.testing.assert_close(lookup.invert(row, u), inverse_cdf(table[row], knots, u), rtol=0, atol=0)
     # the spike row: ~20 values within one bucket of 1/4096 at each end, so at the cap the window widens
-    assert BucketLookup(table[1:2], max_window=1, max_buckets=1 << 12).window > 1
-    assert BucketLookup(table[3:4], max_window=1).window == 1
+    assert BucketLookup(table[1:2], knots, max_window=1, max_buckets=1 << 12).window > 1
+    assert BucketLookup(table[3:4], knots, max_window=1).window == 1
 
 
 @pytest.mark.parametrize("kind", ["univariate", "folded", "independent", "mixture"])
@@ -583,7 +583,7 @@ def test_prior_sample_with_the_bucket_lookup_equals_eager_sampling(kind: str) ->
     u[0], u[1], u[2] = 0.0, 1.0, float("nan")
     with torch.no_grad():
         cdf = prior.cdf_table()
-        lookup = BucketLookup(cdf)
+        lookup = BucketLookup(cdf, prior.knots)
         u[3] = cdf.flatten()[: prior.u_dim]  # on table values
         assert torch.equal(prior.sample(u, lookup=lookup), prior.sample(u, cdf))
 

@@ -81,7 +81,9 @@ class Basis(nn.Module):
             diff = x - grid
             # Exponents floored at EXP_FLOOR: far from a centre a basis value is e^-50 ≈ 2e-22 (normal, and so
             # are its products with weights and gradients) instead of heading into subnormals.
-            return torch.exp(torch.clamp(diff * diff * scale, min=EXP_FLOOR))
+            # scale at the grid's shape: onnxruntime multiplies by a trailing axis of 1 ~3x slower (docs/design.md
+            # §11.9); in torch the expand is a view, the product the same
+            return torch.exp(torch.clamp(diff * diff * scale.expand_as(grid), min=EXP_FLOOR))
         if self.kind == "fft":
             arg = x * (self.tau * self.freq)
             return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)

@@ -16,6 +16,10 @@ COPY model_repository/ /models/
 # release the project pins in constraints.txt).
 RUN python3 -m pip install --no-cache-dir "tritonclient[grpc]==2.73.0"
 COPY serving/warmup.py /opt/kaem/warmup.py
+# The Deployment's init container: refuses a repository whose model files differ from the sha256 their export
+# recorded in config.pbtxt (the native backend would load any file that parses). By hand:
+#   docker run --rm kaem-serve python3 /opt/kaem/verify_repository.py /models
+COPY serving/verify_repository.py /opt/kaem/verify_repository.py
 
 # Unprivileged: the base image's `triton-server` user (uid 1000). Numeric, so Kubernetes'
 # runAsNonRoot can verify it; the server only reads /models.

@@ -77,5 +77,7 @@ def test_image_carries_the_startup_probes_warmup_script_and_its_client():
     """deploy/k8s/deployment.yaml's startup probe runs /opt/kaem/warmup.py: the image copies it and installs the
     tritonclient release the project pins (the script's only dependency besides numpy)."""
     assert _copies()["serving/warmup.py"] == "/opt/kaem/warmup.py"
+    # and the init container's repository check (same dependencies: protobuf comes with tritonclient[grpc])
+    assert _copies()["serving/verify_repository.py"] == "/opt/kaem/verify_repository.py"
     pinned = re.search(r"^tritonclient==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
     assert any(inst == "RUN" and f'"tritonclient[grpc]=={pinned}"' in args for inst, args in _instructions())

@@ -68,6 +68,12 @@ def test_deployment_keeps_the_production_promises(rendered: dict[str, dict]) -> 
     assert c["startupProbe"]["exec"]["command"][:4] == ["python3", "/opt/kaem/warmup.py", "--url",
                                                         f"127.0.0.1:{grpc_port}"]
     assert c["startupProbe"]["timeoutSeconds"] > float(c["startupProbe"]["exec"]["command"][5])
+    # Before the server: the repository check (serving/verify_repository.py) on the repository the server serves,
+    # from the same image, as locked down as the server
+    (init,) = spec["initContainers"]
+    repo = next(a.split("=", 1)[1] for a in c["args"] if a.startswith("--model-repository="))
+    assert init["command"] == ["python3", "/opt/kaem/verify_repository.py", repo] and init["image"] == c["image"]
+    assert init["securityContext"] == c["securityContext"]
     exit_timeout = int(next(a.split("=")[1] for a in c["args"] if a.startswith("--exit-timeout-secs=")))
     pause = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pause >= c["readinessProbe"]["periodSeconds"]

@@ -24,6 +24,7 @@ from export.triton_config import (
     recorded_artifacts,
     recorded_sha256,
 )
+from serving.verify_repository import verify as verify_repository
 from training.checkpoint import load_model, save_checkpoint
 from training.config import get_preset, with_overrides
 from training.model.kaem import KAEM
@@ -113,6 +114,7 @@ def test_versions_are_atomic_and_pruned(digits_ckpt: Path, tmp_path: Path) -> No
     recorded = recorded_artifacts(parse_config((repo / "m" / "config.pbtxt").read_text()))
     assert {v: a["sha256"] for v, a in recorded.items()} == {
         v: file_sha256(repo / "m" / str(v) / "model.onnx") for v in (2, 3)}
+    assert verify_repository(repo) == ["m: version(s) 2, 3 match their recorded sha256"]  # the pod's init container
     # and the canary digest: the version's uint8 images for the canary seeds in onnxruntime
     graph = repo / "m" / "3" / "model.onnx"
     assert recorded[3]["canary"] == canary_sha256(ort_session(graph).run([OUTPUT_IMAGES], {

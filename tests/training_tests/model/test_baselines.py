@@ -175,3 +175,17 @@ def test_kaem_compare_at_equal_wall_clock_with_lr_sweep(tmp_path: Path) -> None:
                 ["--minutes", "1", "--lr-from", str(tmp_path / "missing.json")], ["--minutes", "-1"]):
         r = _cli("training.cli.compare", "--preset", "digits", *bad)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_planned_step_time_includes_the_loops_periodic_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kaem-compare --minutes sizes a schedule by seconds_per_step: the loop's latent health (every log line) and
+    checkpoints (every checkpoint_every steps) count in it, spread over the steps between them."""
+    import time
+
+    import training.eval.health as health
+    from training.compare import seconds_per_step
+
+    cfg = get_preset("digits")
+    cfg = replace(cfg, train=replace(cfg.train, log_every=2, checkpoint_every=10_000))
+    monkeypatch.setattr(health, "latent_health", lambda model: time.sleep(0.4))
+    assert seconds_per_step(with_overrides(cfg, steps=100), torch.device("cpu"), None, n=2) >= 0.2

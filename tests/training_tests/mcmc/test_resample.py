@@ -125,6 +125,30 @@ def test_zero_weight_never_selected_at_top_uniform() -> None:
     assert not (idx == 3).any(), idx
 
 
+def test_the_binary_search_counts_what_compare_and_count_does() -> None:
+    # inverse_cumsum and the residual's deterministic slots search the cumulative sums (searchsorted, right side);
+    # the definition is #{s : cum_s ≤ v} over the whole row: equal on ties (zero weights), at v on a cumulative
+    # value, at 0 and at the top uniform, for every resampler.
+    from training.mcmc.resample import inverse_cumsum
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.softmax(torch.randn(64, 50, generator=g) * 6, 1)
+    w[:, 10:20] = 0.0  # runs of ties
+    w[5] = 1.0 / 50  # uniform: cumulative values k/50
+    w = w / w.sum(1, keepdim=True)
+    v = torch.rand(64, 50, generator=g)
+    v[0], v[1], v[2] = 0.0, TOP, torch.cumsum(w[2], 0)  # both ends, and on the cumulative values
+    cum = torch.cumsum(w, 1)
+    norm = cum / cum[:, -1:]
+    want = torch.clamp((norm.unsqueeze(1) <= v.unsqueeze(-1)).sum(-1), max=49)
+    assert torch.equal(inverse_cumsum(cum, v), want)
+    r = torch.floor(50 * w)
+    slot = torch.arange(50, dtype=w.dtype).expand_as(w)
+    det = torch.clamp((torch.cumsum(r, -1).unsqueeze(1) <= slot.unsqueeze(-1)).sum(-1), max=49)
+    rows = (slot < r.sum(-1, keepdim=True))
+    assert torch.equal(residual(w, v)[rows], det[rows])
+
+
 # ----------------------------------------------------------------------------------------------
 # ω in the IS loss (docs/design.md §5.3 step 6, §9 bug 3)
 

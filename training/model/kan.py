@@ -197,9 +197,6 @@ class _WeightedRBF(torch.autograd.Function):
         return None, None, (grad * dscale.view(ctx.out_shape)).sum(0).sum_to_size(ctx.scale_shape), None
 
 
-SPLINE_MATMUL = True  # KANLayer's training path through _SplineMatmul (False: autograd of the plain expression)
-
-
 class _SplineMatmul(torch.autograd.Function):
     """y = b @ W for basis values b[..., I·K] and W[i·K + k, o] = coef[i, o, k]·w_sp[i, o] (KANLayer.weight), the
     training path of a KAN layer. Autograd of the expression that builds W walks the [I, O, K] coefficients four
@@ -368,7 +365,7 @@ class KANLayer(_SplineFunctions):
         """y_o = Σ_i φ_{i,o}(x_i); ``weight`` is a precomputed :meth:`weight` (a frozen decoder's, or the fp16
         served graph's: then the spline matmul alone runs in half precision, its result back in x's dtype)."""
         b = self.basis(x).flatten(-2)
-        if (weight is None and SPLINE_MATMUL and torch.is_grad_enabled() and self.coef.requires_grad
+        if (weight is None and torch.is_grad_enabled() and self.coef.requires_grad
                 and self.w_sp.requires_grad and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
             y = _SplineMatmul.apply(b, self.coef, self.w_sp)
         else:

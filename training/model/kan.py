@@ -92,6 +92,15 @@ class Basis(nn.Module):
         c = torch.clamp(torch.tanh(x) / self.tau, -1.0 + 1e-6, 1.0 - 1e-6)
         return torch.cos(self.degree * torch.acos(c))
 
+    def values_(self, x: Tensor) -> Tensor:
+        """``self(x)`` for a caller that records no autograd graph (no gradient, no torch.func transform): the RBF
+        values are computed in place in the one buffer x − c (the expression allocates four of that size), the same
+        numbers bit for bit. Other bases: ``self(x)``."""
+        if self.kind != "rbf":
+            return self(x)
+        t = x.unsqueeze(-1) - self.grid
+        return t.mul_(t).mul_(self._rbf_scale(self.grid)).clamp_(min=EXP_FLOOR).exp_()
+
     def _rbf_scale(self, grid: Tensor) -> Tensor:
         """exp(-½ ((x - c) / (h τ))²) = exp(scale · (x - c)²), with h the centre spacing per index."""
         h = (grid[..., -1:] - grid[..., :1]) / self.size
@@ -372,6 +381,13 @@ class KANLayer(_SplineFunctions):
             w = self.weight() if weight is None else weight
             y = (b.to(w.dtype) @ w).to(x.dtype)
         return y + self.act(x) @ self.w_base if self.use_base else y
+
+    def forward_(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``forward(x, weight)`` for a caller that records no autograd graph and passes a precomputed fp32
+        :meth:`weight` (a frozen decoder's rows, KANDecoder.frozen): the basis in place (Basis.values_), the same
+        numbers bit for bit."""
+        y = self.basis.values_(x).flatten(-2) @ weight
+        return y.add_(self.act(x) @ self.w_base) if self.use_base else y
 
     def _spline_values(self, samples: Tensor) -> Tensor:  # layer inputs [N, I] -> spline values [I, O, N]
         return torch.einsum("nik,iok->ion", self.basis(samples), self.coef)

@@ -367,3 +367,28 @@ def test_energy_bank_weighted_sum_has_the_values_and_gradients_of_the_per_sample
     if kind == "rbf":  # the path that keeps no [N, E, K] values for the backward
         assert bank.weighted_sum(x, a).grad_fn is not None
         assert "_WeightedRBFBackward" in str(bank.basis.weighted_sum(x, a).grad_fn.name())
+
+
+@pytest.mark.parametrize("kind", BASES)
+def test_frozen_decode_gives_the_decoders_numbers_bit_for_bit(kind: str) -> None:
+    """KANDecoder.frozen: the graph-free decode (the RBF basis in place, KANLayer.forward_) equals the decoder's
+    forward exactly, under no_grad and with grad mode on; an input that needs a gradient still gets one."""
+    from training.config import DecoderConfig
+    from training.model.decoder import KANDecoder
+
+    decoder = KANDecoder(DecoderConfig(image_shape=(1, 4, 5), hidden=(7,), basis=kind, grid_size=6), 3,
+                         torch.Generator().manual_seed(0))
+    _randomise(decoder, 3)
+    h = 2.0 * torch.randn(300, 3, generator=torch.Generator().manual_seed(4))  # past the grid: floored exponents too
+    with torch.no_grad():
+        want = decoder(h)
+    decode = decoder.frozen()
+    with torch.no_grad():
+        assert torch.equal(decode(h), want)
+    got = decode(h)  # grad mode on, h needs none: no graph either
+    assert torch.equal(got, want) and got.grad_fn is None
+    hg = h.clone().requires_grad_()
+    out = decode(hg)
+    assert torch.equal(out.detach(), want)
+    (grad,) = torch.autograd.grad(out.square().sum(), hg)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

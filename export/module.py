@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from export.contract import PRECISIONS
 from training.errors import KaemError
 from training.model.decoder import KANDecoder
-from training.model.kaem import KAEM, to_uint8_nhwc
+from training.model.kaem import KAEM, nhwc, to_uint8_nhwc
 from training.model.prior import BucketLookup
 
 
@@ -22,8 +22,9 @@ class ServedGenerator(nn.Module):
 
     The table is baked with its :class:`BucketLookup` (O(1) per coordinate; the same index as the
     binary search of eager sampling, ``training.sample``), so eager, onnxruntime and Triton agree.
-    The decoder's spline matrices are baked too (``precision="fp16"``: in half precision, for GPUs;
-    within one grey level of fp32, never the seed -> same image guarantee)."""
+    The decoder's spline matrices are baked too, with rows in the k-major order of KANLayer.forward_kmajor
+    (onnxruntime's faster broadcast; the same sums as eager decoding, added in another order: within one grey
+    level); ``precision="fp16"``: in half precision, for GPUs, never the seed -> same image guarantee."""
 
     def __init__(self, model: KAEM, precision: str = "fp32"):
         super().__init__()
@@ -39,13 +40,14 @@ class ServedGenerator(nn.Module):
             self.lookup = BucketLookup(model.prior.cdf_table(), model.prior.knots)
             self.n_weights = len(model.decoder.layers) if kan else 0
             for i in range(self.n_weights):
-                self.register_buffer(f"weight{i}", model.decoder.layers[i].weight().detach().to(dtype).clone())
+                self.register_buffer(f"weight{i}",
+                                     model.decoder.layers[i].weight(kmajor=True).detach().to(dtype).clone())
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
         h = self.model.latent_of_u(u, lookup=self.lookup)
         if self.n_weights:
-            logits = self.model.decoder(h, [getattr(self, f"weight{i}") for i in range(self.n_weights)])
+            logits = self.model.decoder(h, [getattr(self, f"weight{i}") for i in range(self.n_weights)], kmajor=True)
         else:
             logits = self.model.decoder(h)
         mean = torch.sigmoid(logits)
-        return to_uint8_nhwc(mean), mean.permute(0, 2, 3, 1)
+        return to_uint8_nhwc(mean), nhwc(mean)

@@ -16,7 +16,7 @@ import torch
 
 from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, ModelContract
 from export.triton_config import render_config, write_config
-from training.model.kaem import to_uint8_nhwc
+from training.model.kaem import nhwc, to_uint8_nhwc
 from training.uniforms import U_EPS
 
 TOY_MODEL = "kaem_toy"
@@ -50,7 +50,7 @@ class ToyGenerator(torch.nn.Module):
         u = torch.clamp(u, U_EPS, 1.0 - U_EPS)
         h = torch.tanh(torch.logit(u) @ self.w1)
         mean = torch.sigmoid(h @ self.w2).reshape(u.shape[0], *self.shape)  # [B, C, H, W]
-        return to_uint8_nhwc(mean), mean.permute(0, 2, 3, 1)
+        return to_uint8_nhwc(mean), nhwc(mean)
 
 
 @functools.cache

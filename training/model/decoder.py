@@ -29,10 +29,13 @@ class KANDecoder(nn.Module):
             for i, o in zip(widths[:-1], widths[1:], strict=True)
         )
 
-    def forward(self, h: Tensor, weights: list[Tensor] | None = None) -> Tensor:
+    def forward(self, h: Tensor, weights: list[Tensor] | None = None, kmajor: bool = False) -> Tensor:
+        """``weights``: each layer's precomputed KANLayer.weight; ``kmajor``: they are ``weight(kmajor=True)`` and
+        the layers run KANLayer.forward_kmajor (the served graph)."""
         x = h
         for i, layer in enumerate(self.layers):
-            x = layer(x, None if weights is None else weights[i])
+            w = None if weights is None else weights[i]
+            x = layer.forward_kmajor(x, w) if kmajor else layer(x, w)
         return x.view(-1, *self.image_shape)
 
     def frozen(self) -> Callable[[Tensor], Tensor]:

@@ -146,9 +146,16 @@ class _NoisyGaussianLogLik(torch.autograd.Function):
         return None, grad_g, None, None, None
 
 
+def nhwc(x: Tensor) -> Tensor:
+    """``[N, C, H, W]`` → ``[N, H, W, C]``. With one channel a reshape, the same values: in the exported graph a
+    Transpose copies (~65 µs for the mean at batch 256) where a Reshape of a contiguous tensor does not."""
+    n, c, h, w = x.shape
+    return x.reshape(n, h, w, 1) if c == 1 else x.permute(0, 2, 3, 1)
+
+
 def to_uint8_nhwc(mean: Tensor) -> Tensor:
     """Decoder mean ``[N, C, H, W]`` in [0, 1] to uint8 ``[N, H, W, C]`` (round half up, clamped).
 
     The exported graph uses this very function, so eager and served pixels agree bit for bit."""
     scaled = torch.clamp(mean, 0.0, 1.0) * 255.0 + 0.5
-    return torch.floor(scaled).to(torch.uint8).permute(0, 2, 3, 1)
+    return nhwc(torch.floor(scaled).to(torch.uint8))

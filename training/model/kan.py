@@ -92,6 +92,16 @@ class Basis(nn.Module):
         c = torch.clamp(torch.tanh(x) / self.tau, -1.0 + 1e-6, 1.0 - 1e-6)
         return torch.cos(self.degree * torch.acos(c))
 
+    def forward_kmajor(self, x: Tensor) -> Tensor:
+        """``self(x)`` for inputs x[..., I] with one grid per input, laid out [..., K, I] (basis k of input i at
+        [..., k, i]): for the served graph (KANLayer.forward_kmajor). There h broadcasts over a middle axis of the
+        grid instead of a trailing axis of 1, which onnxruntime's elementwise kernels run ~25 % faster (docs/design.md
+        §11.9); the RBF values are the same numbers, transposed."""
+        if self.kind != "rbf":
+            return self(x).transpose(-1, -2)
+        diff = x.unsqueeze(-2) - self.grid.T
+        return torch.exp(torch.clamp(diff * diff * self._rbf_scale(self.grid).expand_as(self.grid).T, min=EXP_FLOOR))
+
     def values_(self, x: Tensor) -> Tensor:
         """``self(x)`` for a caller that records no autograd graph (no gradient, no torch.func transform): the RBF
         values are computed in place in the one buffer x − c (the expression allocates four of that size), the same
@@ -364,11 +374,12 @@ class KANLayer(_SplineFunctions):
                  base_act: str, gen: torch.Generator, eps_scale: float = 1.0):
         super().__init__((n_in, n_out), (n_in,), basis, size, domain, base_act, n_in, n_out, eps_scale, gen)
 
-    def weight(self) -> Tensor:
+    def weight(self, kmajor: bool = False) -> Tensor:
         """The spline part as one matrix [I·K, O]: (coef · w_sp) with row i·K + k, so that the layer is a
-        single matmul of the flattened basis values."""
+        single matmul of the flattened basis values; ``kmajor``: row k·I + i, the matrix of :meth:`forward_kmajor`."""
         n_in, n_out, k = self.coef.shape
-        return (self.coef * self.w_sp.unsqueeze(-1)).transpose(1, 2).reshape(n_in * k, n_out)
+        w = self.coef * self.w_sp.unsqueeze(-1)
+        return (w.permute(2, 0, 1) if kmajor else w.transpose(1, 2)).reshape(n_in * k, n_out)
 
     def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
         """y_o = Σ_i φ_{i,o}(x_i); ``weight`` is a precomputed :meth:`weight` (a frozen decoder's, or the fp16
@@ -380,6 +391,14 @@ class KANLayer(_SplineFunctions):
         else:
             w = self.weight() if weight is None else weight
             y = (b.to(w.dtype) @ w).to(x.dtype)
+        return y + self.act(x) @ self.w_base if self.use_base else y
+
+    def forward_kmajor(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``forward(x)`` with the basis laid out [..., K, I] (Basis.forward_kmajor) and ``weight`` =
+        ``weight(kmajor=True)``, in its dtype like :meth:`forward` (the served graph's layers): the same sums,
+        added in another order."""
+        b = self.basis.forward_kmajor(x).flatten(-2)
+        y = (b.to(weight.dtype) @ weight).to(x.dtype)
         return y + self.act(x) @ self.w_base if self.use_base else y
 
     def forward_(self, x: Tensor, weight: Tensor) -> Tensor:

@@ -392,3 +392,21 @@ def test_frozen_decode_gives_the_decoders_numbers_bit_for_bit(kind: str) -> None
     assert torch.equal(out.detach(), want)
     (grad,) = torch.autograd.grad(out.square().sum(), hg)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", BASES)
+def test_kmajor_layer_is_the_layer_with_its_sums_reordered(kind: str) -> None:
+    """The served graph's layout (KANLayer.forward_kmajor with weight(kmajor=True)): the basis values are the
+    layer's own, transposed (the same numbers for RBF), and the outputs agree to float rounding."""
+    layer = KANLayer(4, 3, kind, 5, (-1.5, 1.0), "silu", torch.Generator().manual_seed(0))
+    _randomise(layer, 5)
+    x = 2.0 * torch.randn(64, 4, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        b, bk = layer.basis(x), layer.basis.forward_kmajor(x)
+        assert bk.shape == (64, layer.basis.n_basis, 4)
+        if kind == "rbf":
+            assert torch.equal(bk, b.transpose(-1, -2))
+        torch.testing.assert_close(bk, b.transpose(-1, -2), rtol=1e-6, atol=1e-7)
+        w, wk = layer.weight(), layer.weight(kmajor=True)
+        assert not torch.equal(w, wk)  # a real reordering of the rows, not the same matrix
+        torch.testing.assert_close(layer.forward_kmajor(x, wk), layer(x, w), rtol=1e-5, atol=1e-5)

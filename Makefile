@@ -47,7 +47,7 @@ lint: $(VENV)/.installed  ## ruff + hadolint
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 
-default-model: setup  ## retrain the shipped default checkpoint: the fmnist preset's 17,000 steps (~55-65 min on 2 cores; an interrupted run continues, rm -rf runs/fmnist to start over)
+default-model: setup  ## retrain the shipped default checkpoint: the fmnist preset's 17,000 steps (~45-65 min on 2 cores; an interrupted run continues, rm -rf runs/fmnist to start over)
 	$(BIN)/kaem-train --preset fmnist --out runs/fmnist --resume
 	$(BIN)/python -m training.checkpoint slim runs/fmnist checkpoints/kaem_fmnist.pt
 

@@ -95,7 +95,7 @@ class Basis(nn.Module):
     def forward_kmajor(self, x: Tensor) -> Tensor:
         """``self(x)`` for inputs x[..., I] with one grid per input, laid out [..., K, I] (basis k of input i at
         [..., k, i]): for the served graph (KANLayer.forward_kmajor). There h broadcasts over a middle axis of the
-        grid instead of a trailing axis of 1, which onnxruntime's elementwise kernels run ~25 % faster (docs/design.md
+        grid instead of a trailing axis of 1, which onnxruntime's elementwise kernels run 10-25 % faster (docs/design.md
         §11.9); the RBF values are the same numbers, transposed."""
         if self.kind != "rbf":
             return self(x).transpose(-1, -2)

@@ -393,12 +393,13 @@ class KANLayer(_SplineFunctions):
             y = (b.to(w.dtype) @ w).to(x.dtype)
         return y + self.act(x) @ self.w_base if self.use_base else y
 
-    def forward_kmajor(self, x: Tensor, weight: Tensor) -> Tensor:
+    def forward_kmajor(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
         """``forward(x)`` with the basis laid out [..., K, I] (Basis.forward_kmajor) and ``weight`` =
-        ``weight(kmajor=True)``, in its dtype like :meth:`forward` (the served graph's layers): the same sums,
-        added in another order."""
+        ``weight(kmajor=True)`` (built here when None), in its dtype like :meth:`forward` (the served graph's
+        layers): the same sums, added in another order."""
+        w = self.weight(kmajor=True) if weight is None else weight
         b = self.basis.forward_kmajor(x).flatten(-2)
-        y = (b.to(weight.dtype) @ weight).to(x.dtype)
+        y = (b.to(w.dtype) @ w).to(x.dtype)
         return y + self.act(x) @ self.w_base if self.use_base else y
 
     def forward_(self, x: Tensor, weight: Tensor) -> Tensor:

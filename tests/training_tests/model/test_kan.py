@@ -410,3 +410,4 @@ def test_kmajor_layer_is_the_layer_with_its_sums_reordered(kind: str) -> None:
         w, wk = layer.weight(), layer.weight(kmajor=True)
         assert not torch.equal(w, wk)  # a real reordering of the rows, not the same matrix
         torch.testing.assert_close(layer.forward_kmajor(x, wk), layer(x, w), rtol=1e-5, atol=1e-5)
+        assert torch.equal(layer.forward_kmajor(x), layer.forward_kmajor(x, wk))  # the matrix built when not given

@@ -23,12 +23,11 @@ from pathlib import Path
 from export.triton_config import (
     DEFAULT_MODEL_FILENAME,
     TritonConfigError,
-    file_sha256,
     parse_config,
-    recorded_sha256,
     version_dirs,
 )
 from serving.local.triton_env import TritonNotInstalled, build_backend_dir, cache_dir, server_env, triton_install
+from serving.verify_repository import verify
 from serving.warmup import zeros_inputs
 from training.cli import command
 from training.errors import KaemError
@@ -110,8 +109,8 @@ def _served_versions(model_dir: Path, policy) -> list[Path]:
 
 def check_repository(repo: str | Path) -> list[str]:
     """Names of the models in ``repo``; raise :class:`LaunchError` when it is missing or empty, a
-    config does not parse, or a served version folder lacks its model file or holds one whose sha256 is not the
-    one its export recorded in the config."""
+    config does not parse, a served version folder lacks its model file, or a version's file is not the one its
+    export recorded in the config (serving/verify_repository.py)."""
     repo = Path(repo)
     if not repo.is_dir():
         raise LaunchError(f"model repository {repo} does not exist: export a model first"
@@ -136,15 +135,14 @@ def check_repository(repo: str | Path) -> list[str]:
         if not versions:
             raise LaunchError(f"model {model_dir.name!r} has no numbered version folder in {model_dir}:"
                               " export the model first (python export/to_onnx.py ...)")
-        recorded = recorded_sha256(cfg)
         for v in versions:
             if filename and not (v / filename).is_file():
                 raise LaunchError(f"model {model_dir.name!r} version {v.name} has no {filename} ({v}):"
                                   " export the model first (python export/to_onnx.py ...)")
-            want = recorded.get(int(v.name))
-            if want is not None and (got := file_sha256(v / filename)) != want:
-                raise LaunchError(f"{v / filename} has sha256 {got[:16]}…, not the {want[:16]}… its export recorded in "
-                                  f"{config}: the file changed after the export (a partial copy?); export it again")
+    try:  # every recorded digest, by the check the production pod's init container runs
+        verify(repo)
+    except RuntimeError as err:
+        raise LaunchError(str(err)) from None
     return [m.name for m in models]
 
 

@@ -79,12 +79,9 @@ class Basis(nn.Module):
             training = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)
             if training and not torch.compiler.is_compiling():
                 return _RBF.apply(x, grid, scale)
-            diff = x - grid
-            # Exponents floored at EXP_FLOOR: far from a centre a basis value is e^-50 ≈ 2e-22 (normal, and so
-            # are its products with weights and gradients) instead of heading into subnormals.
             # scale at the grid's shape: onnxruntime multiplies by a trailing axis of 1 ~3x slower (docs/design.md
             # §11.9); in torch the expand is a view, the product the same
-            return torch.exp(torch.clamp(diff * diff * scale.expand_as(grid), min=EXP_FLOOR))
+            return _rbf_values(x, grid, scale.expand_as(grid))
         if self.kind == "fft":
             arg = x * (self.tau * self.freq)
             return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
@@ -99,8 +96,7 @@ class Basis(nn.Module):
         §11.9); the RBF values are the same numbers, transposed."""
         if self.kind != "rbf":
             return self(x).transpose(-1, -2)
-        diff = x.unsqueeze(-2) - self.grid.T
-        return torch.exp(torch.clamp(diff * diff * self._rbf_scale(self.grid).expand_as(self.grid).T, min=EXP_FLOOR))
+        return _rbf_values(x.unsqueeze(-2), self.grid.T, self._rbf_scale(self.grid).expand_as(self.grid).T)
 
     def values_(self, x: Tensor) -> Tensor:
         """``self(x)`` for a caller that records no autograd graph (no gradient, no torch.func transform): the RBF
@@ -142,6 +138,14 @@ class Basis(nn.Module):
         uniform = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * steps
         # Strictly increasing (the uniform share is), so the least-squares refit stays well posed.
         return uniform_share * uniform + (1 - uniform_share) * adaptive
+
+
+def _rbf_values(x: Tensor, grid: Tensor, scale: Tensor) -> Tensor:
+    """exp(max(scale·(x − c)², EXP_FLOOR)) by broadcasting, the expression the graph exports. Exponents floored at
+    EXP_FLOOR: far from a centre a basis value is e^-50 ≈ 2e-22 (normal, and so are its products with weights and
+    gradients) instead of heading into subnormals."""
+    diff = x - grid
+    return torch.exp(torch.clamp(diff * diff * scale, min=EXP_FLOOR))
 
 
 class _RBF(torch.autograd.Function):

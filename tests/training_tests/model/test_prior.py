@@ -573,6 +573,20 @@ def test_bucket_lookup_gives_the_binary_search_index_bit_for_bit() -> None:
     assert BucketLookup(table[3:4], knots, max_window=1).window == 1
 
 
+def test_bucket_lookup_refuses_a_table_that_is_not_a_cdf() -> None:
+    # the guard-free interpolation of BucketLookup.invert relies on C_0 < U_EPS and C_N >= 1 - U_EPS
+    from training.errors import KaemError
+    from training.model.prior import BucketLookup, PriorTableError
+
+    knots = torch.linspace(-1.0, 1.0, 5)
+    good = torch.tensor([[0.0, 0.25, 0.5, 0.75, 1.0]])
+    assert BucketLookup(good, knots).window >= 1
+    for bad in (good * 0.5, good + 0.1, good.flip(-1), torch.full_like(good, float("nan"))):
+        with pytest.raises(PriorTableError, match="not a CDF"):
+            BucketLookup(bad, knots)
+    assert issubclass(PriorTableError, KaemError)
+
+
 @pytest.mark.parametrize("kind", ["univariate", "folded", "independent", "mixture"])
 def test_prior_sample_with_the_bucket_lookup_equals_eager_sampling(kind: str) -> None:
     from training.model.prior import BucketLookup

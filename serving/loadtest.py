@@ -1,5 +1,7 @@
 """``kaem-loadtest``: a scripted perf_analyzer concurrency sweep over gRPC with valid-uniform input
-data, written as CSV + a short markdown report that adds the server-side average batch size.
+data, written as CSV + a short markdown report that adds the server-side average batch size and the CPU time
+one inference costs the client (perf_analyzer) and, for a server started here, the server (tritonserver and its
+backend processes): on a machine they share, their sum caps the throughput at cores / CPU per inference.
 
 perf_analyzer comes from the ``tritonclient==2.51.0`` wheel (the PyPI ``perf-analyzer`` package is
 unusable here), installed with ``--no-deps`` under the project cache so it never touches the venv.
@@ -11,6 +13,7 @@ import argparse
 import csv
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -131,14 +134,56 @@ def run_level(pa: PerfAnalyzer, url: str, model: str, concurrency: int, batch_si
 
 
 _COLUMNS = ["concurrency", "batch_size", "infer_per_s", "p50_ms", "p90_ms", "p95_ms", "p99_ms",
-            "server_avg_batch", "server_queue_ms", "server_compute_ms", "server_requests", "server_failed"]
+            "server_avg_batch", "server_queue_ms", "server_compute_ms", "server_requests", "server_failed",
+            "client_cpu_us", "server_cpu_us"]
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's waited-for children: perf_analyzer runs, once reaped."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def process_tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) used so far by the live process ``pid`` and its descendants, from /proc
+    (Linux); None where that cannot be read. For the local server: tritonserver and its Python-backend stubs."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    used: dict[int, float] = {}
+    try:
+        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return None
+    for p in entries:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(p)
+        used[p] = (int(fields[11]) + int(fields[12])) / tick
+    if pid not in used:
+        return None
+    total, stack = 0.0, [pid]
+    while stack:
+        p = stack.pop()
+        total += used.get(p, 0.0)
+        stack.extend(children.get(p, ()))
+    return total
+
+
+def _us_per(before: float | None, after: float | None, n: float | None) -> float | None:
+    """CPU µs per inference between two readings in seconds (None when a reading or the count is missing)."""
+    return (after - before) / n * 1e6 if n and before is not None and after is not None else None
 
 
 def sweep(url: str, metrics_url: str, model: str, levels: Sequence[int], batch_size: int, out_dir: Path,
           measurement_interval_ms: int = 2000, stability_pct: float = 25.0, max_trials: int = 6,
-          n_inputs: int = 64, repository: Path | None = None) -> list[dict]:
+          n_inputs: int = 64, repository: Path | None = None, server_pid: int | None = None) -> list[dict]:
     """Run every concurrency level, one perf_analyzer process each, scraping the server's metrics
-    before and after so that each row carries its own server-side average batch size."""
+    before and after so that each row carries its own server-side average batch size, and the CPU time per
+    inference of perf_analyzer and (with ``server_pid``, a local server's process) of the server over the
+    same interval (every inference the server counted in it, warm-up and trial windows included)."""
     from serving.client import connect  # reads the served contract (and checks the server first)
 
     pa = ensure_perf_analyzer()
@@ -149,9 +194,12 @@ def sweep(url: str, metrics_url: str, model: str, levels: Sequence[int], batch_s
     rows = []
     for c in levels:
         before = read_settled(metrics_url, model)
+        cpu0 = (_children_cpu_s(), server_pid and process_tree_cpu_s(server_pid))
         raw = run_level(pa, url, model, c, batch_size, input_json, out_dir / f"perf_c{c}.csv",
                         measurement_interval_ms, stability_pct, max_trials)
+        cpu1 = (_children_cpu_s(), server_pid and process_tree_cpu_s(server_pid))
         d = next(iter(delta(read_settled(metrics_url, model), before).get(model, {}).values()), None)
+        n = d and d["inference_count"]
         ms = {k: float(raw[f"p{k} latency"]) / 1000 for k in ("50", "90", "95", "99")}
         rows.append({
             "concurrency": c, "batch_size": batch_size, "infer_per_s": float(raw["Inferences/Second"]),
@@ -159,6 +207,7 @@ def sweep(url: str, metrics_url: str, model: str, levels: Sequence[int], batch_s
             "server_avg_batch": d and d["avg_batch_size"], "server_queue_ms": d and (d["avg_queue_us"] or 0) / 1000,
             "server_compute_ms": d and (d["avg_compute_us"] or 0) / 1000,
             "server_requests": d and d["requests"], "server_failed": d and d["failed"],
+            "client_cpu_us": _us_per(cpu0[0], cpu1[0], n), "server_cpu_us": _us_per(cpu0[1], cpu1[1], n),
         })
     return rows
 
@@ -177,16 +226,27 @@ def write_results(rows: list[dict], out_dir: Path, meta: dict[str, str]) -> tupl
     lines = [f"# Load test: {meta['model']}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
     lines += ["", "| concurrency | inferences/s | p50 ms | p99 ms | server avg batch | server queue ms"
-              " | server compute ms |", "|---:|---:|---:|---:|---:|---:|---:|"]
+              " | server compute ms | client CPU µs/inference | server CPU µs/inference |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['concurrency']} | {r['infer_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
                      f" {num(r['server_avg_batch'], '.2f')} | {num(r['server_queue_ms'], '.3f')} |"
-                     f" {num(r['server_compute_ms'], '.3f')} |")
+                     f" {num(r['server_compute_ms'], '.3f')} | {num(r['client_cpu_us'], '.0f')} |"
+                     f" {num(r['server_cpu_us'], '.0f')} |")
     if len(rows) > 1 and rows[0]["infer_per_s"] > 0:
         lines += ["", f"Throughput at concurrency {rows[-1]['concurrency']} is"
                   f" {rows[-1]['infer_per_s'] / rows[0]['infer_per_s']:.2f}x concurrency {rows[0]['concurrency']}."]
+    last = rows[-1] if rows else {}
+    if last.get("client_cpu_us") and last.get("server_cpu_us"):
+        cpu = last["client_cpu_us"] + last["server_cpu_us"]
+        lines += ["", f"At concurrency {last['concurrency']} one inference costs {cpu:,.0f} µs of CPU (client"
+                  f" {last['client_cpu_us']:,.0f}, server {last['server_cpu_us']:,.0f}): where client and server"
+                  f" share this machine's {os.cpu_count()} CPUs, throughput cannot pass about"
+                  f" {os.cpu_count() * 1e6 / cpu:,.0f} inferences/s."]
     lines += ["", "Latencies are perf_analyzer's client-side percentiles; server columns come from Triton's"
-              " metrics scraped before/after each level (average batch = rows / executions). perf_analyzer"
+              " metrics scraped before/after each level (average batch = rows / executions); CPU per inference"
+              " is the CPU time perf_analyzer (and, for a server started here, tritonserver with its backend"
+              " processes) used during the level over the inferences the server counted in it. perf_analyzer"
               " and the server share this machine's cores: compare ratios, not absolute numbers.", ""]
     md_path.write_text("\n".join(lines))
     return csv_path, md_path
@@ -227,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out_dir = Path(args.out_dir)
         t0 = time.time()
         rows = sweep(url, metrics_url, args.model, levels, args.batch_size, out_dir,
-                     args.measurement_interval, args.stability, args.max_trials)
+                     args.measurement_interval, args.stability, args.max_trials,
+                     server_pid=server.process.pid if server and server.process else None)
     meta = {"model": args.model, "server": url + (" (started by kaem-loadtest)" if server else ""),
             "batch size per request": str(args.batch_size), "concurrency levels": ", ".join(map(str, levels)),
             "measurement window": f"{args.measurement_interval} ms", "perf_analyzer": PERF_WHEEL,

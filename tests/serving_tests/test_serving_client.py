@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -22,7 +24,7 @@ from export.contract import INPUT_U, OUTPUT_IMAGES, OUTPUT_MEAN, ContractError
 from export.toy_model import TOY_CONTRACT, build_toy_repository, wrong_contract_config
 from export.triton_config import contract_from_config, parse_config
 from serving import client, metrics
-from serving.loadtest import LoadTestError, parse_concurrency
+from serving.loadtest import LoadTestError, parse_concurrency, process_tree_cpu_s
 from serving.local.ort_shim import check_input, run_merged
 from serving.perf_data import perf_input_data
 from training.uniforms import uniforms_for_seeds
@@ -119,6 +121,32 @@ def test_metrics_parsing_on_a_captured_real_scrape():
 def test_metrics_cli_reports_an_unreachable_endpoint(capsys):
     assert metrics.main(["--url", "127.0.0.1:1", "--timeout", "1"]) == 2
     assert "cannot read Triton metrics at http://127.0.0.1:1/metrics" in capsys.readouterr().err
+
+
+_BURN = """
+import os, subprocess, sys, time
+if sys.argv[1] == "parent":
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[2], "child", sys.argv[2]], stdout=subprocess.PIPE)
+    child.stdout.readline()
+while time.process_time() < 0.4:  # 0.4 s of CPU, however busy the machine is
+    pass
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_process_tree_cpu_counts_a_process_and_its_descendants():
+    # kaem-loadtest's server CPU per inference: tritonserver plus the backend stubs it starts
+    proc = subprocess.Popen([sys.executable, "-c", _BURN, "parent", _BURN], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: both go at the end
+    try:
+        assert proc.stdout.readline().strip() == "ready"  # the child finished its 0.4 s first
+        used = process_tree_cpu_s(proc.pid)
+        assert used is not None and 0.75 <= used < 5.0, used  # parent and child, 0.4 s each
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert process_tree_cpu_s(proc.pid) is None  # a reaped process
 
 
 def test_perf_input_data_holds_valid_float_uniforms():

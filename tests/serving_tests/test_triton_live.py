@@ -349,8 +349,15 @@ def test_loadtest_short_sweep_completes(server, tmp_path, capsys):
     assert rows[0].startswith("concurrency,batch_size,infer_per_s") and len(rows) == 3
     c8 = dict(zip(rows[0].split(","), rows[2].split(","), strict=True))
     assert float(c8["infer_per_s"]) > 0 and float(c8["server_avg_batch"]) >= 1 and float(c8["server_failed"]) == 0
+    assert float(c8["client_cpu_us"]) > 0 and c8["server_cpu_us"] == ""  # a server given by URL: client CPU only
     report = (tmp_path / "report.md").read_text()
-    assert "| 8 |" in report and "server avg batch" in report
+    assert "| 8 |" in report and "server avg batch" in report and "client CPU µs/inference" in report
+    # with the local server's pid, the server's CPU per inference too, and the ceiling they put on throughput
+    rows = loadtest.sweep(server.grpc_url, server.metrics_url, TOY_MODEL, [2], 1, tmp_path / "own", 400, 100.0, 4,
+                          server_pid=server.process.pid)
+    assert rows[0]["server_cpu_us"] > 0 and rows[0]["client_cpu_us"] > 0
+    loadtest.write_results(rows, tmp_path / "own", {"model": TOY_MODEL})
+    assert "throughput cannot pass about" in (tmp_path / "own" / "report.md").read_text()
 
 
 def test_benchmark_quick_mode(server, repo):

@@ -155,6 +155,10 @@ def test_sigterm_under_load_drains_in_flight_requests(tmp_path: Path) -> None:
     # Readiness dropped while the process still ran: the HTTP probe fails, gRPC answers "not ready" explicitly.
     assert t_http is not None and t_http < t_exit
     assert t_grpc is not None and t_grpc < t_exit and (grpc_answer is False or "exiting" in grpc_answer.lower())
-    # Triton polls once a second for up to --exit-timeout-secs, then tears down (stubs exit): a little margin.
-    assert t_exit - t_sig < exit_timeout + 3
+    # Triton counts its --exit-timeout-secs down once a second while it drains and unloads; "0 live models" means it
+    # finished before the timeout would have forced it ("Exit timeout expired" otherwise). How long the process then
+    # takes to exit depends on the machine's load (3.5-4.5 s alone, 11 s once in CI): only the wait above bounds it.
+    shutdown = log.read_text().split("Signal (15) received.")[-1]
+    assert "Found 0 live models and 0 in-flight non-inference requests" in shutdown, shutdown[-2000:]
+    assert "Exit timeout expired" not in shutdown
     assert stubs and not any(alive(p) for p in stubs), "Python-backend stubs outlived the server"

@@ -238,11 +238,11 @@ def write_results(rows: list[dict], out_dir: Path, meta: dict[str, str]) -> tupl
                   f" {rows[-1]['infer_per_s'] / rows[0]['infer_per_s']:.2f}x concurrency {rows[0]['concurrency']}."]
     last = rows[-1] if rows else {}
     if last.get("client_cpu_us") and last.get("server_cpu_us"):
-        cpu = last["client_cpu_us"] + last["server_cpu_us"]
+        cpu, cores = last["client_cpu_us"] + last["server_cpu_us"], len(os.sched_getaffinity(0))
         lines += ["", f"At concurrency {last['concurrency']} one inference costs {cpu:,.0f} µs of CPU (client"
                   f" {last['client_cpu_us']:,.0f}, server {last['server_cpu_us']:,.0f}): where client and server"
-                  f" share this machine's {os.cpu_count()} CPUs, throughput cannot pass about"
-                  f" {os.cpu_count() * 1e6 / cpu:,.0f} inferences/s."]
+                  f" share the {cores} CPUs this process may use, throughput cannot pass about"
+                  f" {cores * 1e6 / cpu:,.0f} inferences/s."]
     lines += ["", "Latencies are perf_analyzer's client-side percentiles; server columns come from Triton's"
               " metrics scraped before/after each level (average batch = rows / executions); CPU per inference"
               " is the CPU time perf_analyzer (and, for a server started here, tritonserver with its backend"
